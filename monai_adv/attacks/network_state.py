@@ -1,0 +1,69 @@
+"""A guard that leaves a network exactly as it was after an attack has run through it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = ["NetworkMode", "preserved_network_state", "unwrap_network"]
+
+NetworkMode = Literal["eval", "train", "unchanged"]
+_NETWORK_MODES = ("eval", "train", "unchanged")
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """Return the module inside a ``DistributedDataParallel`` wrapper, else ``network`` itself.
+
+    An attack only needs the input gradient. Running it through the DDP wrapper would arm the
+    reducer for a backward pass that never reaches the parameters, which DDP reports as an
+    unfinished reduction at the next training step, and would synchronise nothing useful.
+    """
+    if isinstance(network, nn.parallel.DistributedDataParallel):
+        return network.module
+    return network
+
+
+@contextmanager
+def preserved_network_state(network: nn.Module, mode: NetworkMode = "eval") -> Iterator[nn.Module]:
+    """Run a block with ``network`` in ``mode`` and restore its state afterwards.
+
+    Restored on exit, also when the block raises: every submodule's ``training`` flag, every
+    buffer (BatchNorm running statistics and ``num_batches_tracked``), and every parameter's
+    ``requires_grad`` flag. Parameters and their ``.grad`` are not copied: the attack functions
+    take gradients with ``torch.autograd.grad`` with respect to the input only, so they never
+    write to them.
+
+    Args:
+        network: the network to guard.
+        mode: ``"eval"`` (dropout off, BatchNorm uses running statistics), ``"train"``, or
+            ``"unchanged"`` (whatever mode the network is in).
+
+    Raises:
+        ValueError: when ``mode`` is not one of ``"eval"``, ``"train"``, ``"unchanged"``.
+    """
+    if mode not in _NETWORK_MODES:
+        raise ValueError(f"network_mode must be one of {_NETWORK_MODES}, got {mode!r}.")
+    modules = list(network.modules())
+    training_flags = [m.training for m in modules]
+    parameters = list(network.parameters())
+    requires_grad_flags = [p.requires_grad for p in parameters]
+    # BatchNorm in train mode updates running statistics in the forward pass; keep copies.
+    buffers = [(b, b.detach().clone()) for b in network.buffers()]
+    try:
+        if mode == "eval":
+            network.eval()
+        elif mode == "train":
+            network.train()
+        yield network
+    finally:
+        for module, flag in zip(modules, training_flags):
+            module.training = flag
+        for param, flag in zip(parameters, requires_grad_flags):
+            param.requires_grad_(flag)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)

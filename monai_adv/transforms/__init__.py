@@ -1,0 +1,25 @@
+"""MONAI transforms over the :mod:`monai_adv.attacks` core: array (FGSM, InvFGSM) and dictionary forms."""
+
+from monai_adv.transforms.array import FGSM, GradientSign, InvFGSM
+from monai_adv.transforms.dictionary import (
+    FGSMD,
+    FGSMDict,
+    FGSMd,
+    GradientSignd,
+    InvFGSMD,
+    InvFGSMDict,
+    InvFGSMd,
+)
+
+__all__ = [
+    "FGSM",
+    "FGSMD",
+    "FGSMDict",
+    "FGSMd",
+    "GradientSign",
+    "GradientSignd",
+    "InvFGSM",
+    "InvFGSMD",
+    "InvFGSMDict",
+    "InvFGSMd",
+]

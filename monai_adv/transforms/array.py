@@ -1,0 +1,229 @@
+"""Array transforms: FGSM and Inverse FGSM as MONAI transforms over :mod:`monai_adv.attacks`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from monai.config.type_definitions import NdarrayOrTensor
+from monai.data.meta_tensor import MetaTensor
+from monai.transforms.transform import Randomizable, Transform
+from monai.utils import TransformBackends
+from monai.utils.type_conversion import convert_to_dst_type, convert_to_tensor
+from torch import nn
+
+from monai_adv.attacks import ClampMode, Direction, NetworkMode, gradient_sign_attack
+
+__all__ = ["FGSM", "GradientSign", "InvFGSM"]
+
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _epsilon_range(epsilon: float | Sequence[float]) -> tuple[float, float]:
+    """Validate ``epsilon`` (a number or a ``(low, high)`` range) and return it as a range."""
+    if isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool):
+        low = high = float(epsilon)
+    elif isinstance(epsilon, Sequence) and len(epsilon) == 2 and not isinstance(epsilon, str):
+        low, high = (float(v) for v in epsilon)
+    else:
+        raise TypeError(f"epsilon must be a number or a (low, high) pair, got {epsilon!r}.")
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or low > high:
+        raise ValueError(f"epsilon must be finite and non-negative with low <= high, got {epsilon!r}.")
+    return low, high
+
+
+def _network_device_dtype(network: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for param in network.parameters():
+        if param.is_floating_point():
+            return param.device, param.dtype
+    return torch.device("cpu"), torch.float32
+
+
+class GradientSign(Randomizable, Transform):
+    """Perturb an image along the sign of the loss gradient of a network.
+
+    The shared implementation of :class:`FGSM` and :class:`InvFGSM`, which differ only in
+    :attr:`direction`: ``"ascend"`` raises the loss, ``"descend"`` lowers it. See
+    :func:`monai_adv.attacks.gradient_sign_attack`.
+
+    By default the input is one channel-first item ``(C, *spatial)`` with its label
+    ``(C_l, *spatial)``, as for any MONAI transform; with ``batched=True`` it is a collated batch
+    ``(B, C, *spatial)``. The image is moved to the network's device for the attack and the
+    result is returned with the input's type (numpy, tensor or MetaTensor with its metadata),
+    dtype and device.
+
+    After each call, :attr:`last_stats` holds the epsilon used and the loss before (and, with
+    ``return_loss_after``, after) the perturbation, as detached tensors.
+
+    Args:
+        network: the segmentation network. May be set later (``transform.network = net``), e.g.
+            by :class:`monai_adv.handlers.AdversarialAugmentationHandler`.
+        loss_function: ``loss_function(pred, label)``, e.g. ``DiceCELoss(to_onehot_y=True, softmax=True)``.
+        epsilon: L-infinity size of the perturbation, or a ``(low, high)`` range sampled uniformly per call.
+        num_steps: 1 for FGSM; more for the iterative (projected) form.
+        step_size: step of the iterative form; default ``2.5 * epsilon / num_steps``.
+        random_start: start the iterative form from a random point in the epsilon ball.
+        clamp: ``"range"`` (``value_range``), ``"image"`` (each image's own min/max) or ``"none"``.
+        value_range: ``(low, high)`` for ``clamp="range"``; the default suits images scaled to [0, 1].
+        network_mode: network mode during the attack: ``"eval"``, ``"train"`` or ``"unchanged"``.
+        batched: take ``(B, C, *spatial)`` batches instead of single items.
+        amp: run the network under ``torch.autocast``.
+        return_loss_after: also measure the loss on the perturbed image (one more forward pass).
+        on_zero_gradient: ``"raise"``, ``"warn"`` or ``"ignore"`` when the input gradient is zero everywhere.
+
+    Raises:
+        TypeError: for a badly typed ``epsilon``.
+        ValueError: for a negative, reversed or non-finite ``epsilon``.
+    """
+
+    direction: ClassVar[Direction] = "ascend"
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        network: nn.Module | None = None,
+        loss_function: LossFunction | None = None,
+        epsilon: float | Sequence[float] = 0.1,
+        num_steps: int = 1,
+        step_size: float | None = None,
+        random_start: bool = False,
+        clamp: ClampMode = "range",
+        value_range: Sequence[float] = (0.0, 1.0),
+        network_mode: NetworkMode = "eval",
+        batched: bool = False,
+        amp: bool = False,
+        return_loss_after: bool = False,
+        on_zero_gradient: Literal["raise", "warn", "ignore"] = "raise",
+    ) -> None:
+        self.network = network
+        self.loss_function = loss_function
+        self.epsilon = _epsilon_range(epsilon)
+        self.num_steps = num_steps
+        self.step_size = step_size
+        self.random_start = random_start
+        self.clamp = clamp
+        self.value_range = tuple(value_range)
+        self.network_mode = network_mode
+        self.batched = batched
+        self.amp = amp
+        self.return_loss_after = return_loss_after
+        self.on_zero_gradient = on_zero_gradient
+        self._epsilon = self.epsilon[0]
+        self._seed = 0
+        self.last_stats: dict[str, torch.Tensor | None] = {}
+
+    def randomize(self, data: Any = None) -> None:
+        """Sample this call's epsilon (from a range) and the seed of the random start."""
+        low, high = self.epsilon
+        self._epsilon = low if low == high else float(self.R.uniform(low, high))
+        self._seed = int(self.R.randint(0, 2**31 - 1))
+
+    def __call__(self, img: NdarrayOrTensor, label: NdarrayOrTensor, randomize: bool = True) -> NdarrayOrTensor:
+        """
+        Args:
+            img: ``(C, *spatial)``, or ``(B, C, *spatial)`` with ``batched=True``.
+            label: ``(C_l, *spatial)`` or ``(*spatial)`` (``(B, ...)`` when batched).
+            randomize: sample a new epsilon; False reuses the last one.
+
+        Returns:
+            The perturbed image, of the same type, dtype, device and metadata as ``img``.
+
+        Raises:
+            RuntimeError: when no network or loss function has been given.
+            TypeError: for a non-array input or an integer image.
+            ValueError: for NaN/Inf values, mismatched shapes, labels that do not fit the loss,
+                or images outside ``value_range``.
+        """
+        if self.network is None or self.loss_function is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs a network and a loss_function: pass them to the constructor or "
+                "attach it through AdversarialAugmentationHandler, which uses the trainer's."
+            )
+        if not isinstance(img, (np.ndarray, torch.Tensor)) or not isinstance(label, (np.ndarray, torch.Tensor)):
+            raise TypeError(
+                f"img and label must be numpy arrays or torch tensors, got {type(img).__name__} and "
+                f"{type(label).__name__}."
+            )
+        if randomize:
+            self.randomize()
+        min_ndim = 3 if self.batched else 2
+        if img.ndim < min_ndim:
+            expected = "(B, C, *spatial)" if self.batched else "channel-first (C, *spatial)"
+            raise ValueError(f"img must be {expected}, got shape {tuple(img.shape)}.")
+
+        device, dtype = _network_device_dtype(self.network)
+        if isinstance(img, torch.Tensor) and not img.is_floating_point() or (
+            isinstance(img, np.ndarray) and not np.issubdtype(img.dtype, np.floating)
+        ):
+            raise TypeError(
+                f"img must be floating point, got dtype {img.dtype}: a perturbation of size epsilon would be "
+                "rounded away. Convert first (e.g. EnsureTyped(dtype=torch.float32) and ScaleIntensityd)."
+            )
+        images = convert_to_tensor(img, dtype=dtype, device=device, track_meta=False)
+        labels = convert_to_tensor(label, device=device, track_meta=False)
+        if not self.batched:
+            images, labels = images.unsqueeze(0), labels.unsqueeze(0)
+        generator = None
+        if self.random_start:
+            generator = torch.Generator(device=device).manual_seed(self._seed)
+        result = gradient_sign_attack(
+            self.network,
+            self.loss_function,
+            images,
+            labels,
+            epsilon=self._epsilon,
+            direction=self.direction,
+            num_steps=self.num_steps,
+            step_size=self.step_size,
+            random_start=self.random_start,
+            clamp=self.clamp,  # type: ignore[arg-type]
+            value_range=self.value_range,
+            network_mode=self.network_mode,  # type: ignore[arg-type]
+            amp=self.amp,
+            generator=generator,
+            return_loss_after=self.return_loss_after,
+            on_zero_gradient=self.on_zero_gradient,  # type: ignore[arg-type]
+        )
+        self.last_stats = {
+            "epsilon": result.epsilon.mean(),
+            "loss_before": result.loss_before,
+            "loss_after": result.loss_after,
+        }
+        out = result.images if self.batched else result.images[0]
+        output: NdarrayOrTensor = convert_to_dst_type(out, dst=img)[0]
+        if isinstance(img, MetaTensor) and isinstance(output, MetaTensor):
+            # The perturbation is not invertible and moves no voxel: the meta data stays valid as is.
+            output.applied_operations = list(img.applied_operations)
+        return output
+
+
+class FGSM(GradientSign):
+    """Fast Gradient Sign Method: ``img + epsilon * sign(grad_img L(network(img), label))``.
+
+    Raises the loss: adversarial copies for augmentation or robustness testing. With
+    ``num_steps > 1`` it is I-FGSM, and with ``random_start=True`` PGD. The arguments are those
+    of :class:`GradientSign`.
+
+    Example::
+
+        from monai.losses import DiceCELoss
+        from monai.networks.nets import BasicUNet
+        net = BasicUNet(spatial_dims=2, in_channels=3, out_channels=2)
+        fgsm = FGSM(net, DiceCELoss(to_onehot_y=True, softmax=True), epsilon=0.1)
+        adversarial = fgsm(image, label)  # image (3, H, W) in [0, 1], label (1, H, W) in {0, 1}
+    """
+
+    direction: ClassVar[Direction] = "ascend"
+
+
+class InvFGSM(GradientSign):
+    """Inverse FGSM: ``img - epsilon * sign(grad_img L(network(img), label))``.
+
+    Lowers the loss: the paper's "positive noise" augmentation. With ``num_steps > 1`` it is the
+    iterative inverse. The arguments are those of :class:`GradientSign`.
+    """
+
+    direction: ClassVar[Direction] = "descend"

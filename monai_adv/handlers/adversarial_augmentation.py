@@ -61,8 +61,8 @@ class AdversarialAugmentationHandler(Randomizable):
 
     Each iteration it records running epoch means in ``engine.state.metrics`` (where
     ``StatsHandler`` and ``MLFlowHandler`` log them at the epoch's end): ``adv_epsilon``,
-    ``adv_samples`` (adversarial samples per batch), ``adv_loss_clean`` and, with transforms built with
-    ``return_loss_after=True``, ``adv_loss_adversarial``. At ``STARTED`` it hands
+    ``adv_samples`` (adversarial samples per batch), ``adv_loss_clean`` and, for transforms built with
+    ``return_loss_after=True``, the loss on their output: ``adv_loss_fgsm``, ``adv_loss_invfgsm``. At ``STARTED`` it hands
     :attr:`params` to any ``MLFlowHandler`` attached to the same engine, so that MLflow runs
     carry the adversarial settings as parameters.
 
@@ -135,7 +135,7 @@ class AdversarialAugmentationHandler(Randomizable):
             return {"adv_method": "none"}
         attack = self.transforms[0].attack
         params: dict[str, Any] = {
-            "adv_method": "+".join(type(t).__name__.removesuffix("d") for t in self.transforms),
+            "adv_method": "+".join(self._method_name(t) for t in self.transforms),
             "adv_mode": self.mode,
             "adv_start_epoch": self.start_epoch,
             "adv_epsilon": attack.epsilon[0] if attack.epsilon[0] == attack.epsilon[1] else list(attack.epsilon),
@@ -155,7 +155,14 @@ class AdversarialAugmentationHandler(Randomizable):
         return self
 
     def attach(self, engine: Engine) -> None:
-        """Fill in missing networks/losses from ``engine`` and register the event handlers.
+        """Register the event handlers on ``engine``."""
+        engine.add_event_handler(Events.STARTED, self._prepare)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset_stats)
+        engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def _prepare(self, engine: Engine) -> None:
+        """At ``STARTED`` (MONAI workflows attach handlers before they set their network), fill in
+        missing networks and losses from ``engine``, follow its AMP setting and share :attr:`params`.
 
         Raises:
             ValueError: when neither the transforms, the handler nor the engine give a network or loss.
@@ -174,9 +181,7 @@ class AdversarialAugmentationHandler(Randomizable):
                 )
             if getattr(engine, "amp", False):
                 t.attack.amp = True
-        engine.add_event_handler(Events.STARTED, self._share_params)
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset_stats)
-        engine.add_event_handler(Events.ITERATION_STARTED, self)
+        self._share_params(engine)
 
     def _share_params(self, engine: Engine) -> None:
         """Give :attr:`params` to the MLFlowHandlers attached to ``engine`` (logged when their run starts)."""
@@ -253,13 +258,18 @@ class AdversarialAugmentationHandler(Randomizable):
 
     def _record(self, engine: Engine, added: int) -> None:
         values: dict[str, float] = {"adv_samples": float(added)}
-        stats = [t.last_stats for t in self.transforms if t.last_stats]
-        names = (("adv_epsilon", "epsilon"), ("adv_loss_clean", "loss_before"), ("adv_loss_adversarial", "loss_after"))
-        for name, key in names:
-            found = [s[key] for s in stats if s.get(key) is not None]
-            if found:
-                values[name] = float(torch.stack([v.float().cpu() for v in found]).mean())  # type: ignore[union-attr]
+        applied = [t for t in self.transforms if t.last_stats]
+        if applied:
+            values["adv_epsilon"] = float(torch.stack([t.last_stats["epsilon"].float().cpu() for t in applied]).mean())
+            values["adv_loss_clean"] = float(applied[0].last_stats["loss_before"])  # type: ignore[arg-type]
+        for t in applied:
+            if t.last_stats.get("loss_after") is not None:
+                values[f"adv_loss_{self._method_name(t)}"] = float(t.last_stats["loss_after"])  # type: ignore[arg-type]
         self._iterations += 1
         for name, value in values.items():
             self._totals[name] = self._totals.get(name, 0.0) + value
             engine.state.metrics[name] = self._totals[name] / self._iterations
+
+    @staticmethod
+    def _method_name(transform: GradientSignd) -> str:
+        return type(transform.attack).__name__.lower()

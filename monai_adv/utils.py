@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["latest_checkpoint", "select"]
+__all__ = ["as_bool", "latest_checkpoint", "require_file", "select"]
 
 T = TypeVar("T")
 
@@ -43,3 +43,30 @@ def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint_epoc
     return str(max(found, key=order))
 
 
+
+
+def require_file(path: str | os.PathLike, what: str = "file") -> str:
+    """Return ``path`` if it is a file, else raise an error that says which input it was.
+
+    Raises:
+        FileNotFoundError: when ``path`` is not a file.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist.")
+    return str(path)
+
+
+def as_bool(value: bool | int | str, name: str = "value") -> bool:
+    """A command-line flag as a bool: ``--resume true`` arrives as the string ``"true"``.
+
+    Raises:
+        ValueError: for anything but a bool, 0/1 or true/false/yes/no/on/off (any case).
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", "none", ""):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}.")

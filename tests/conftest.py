@@ -53,13 +53,13 @@ def square_data(
     return images.clamp(0, 1), labels
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_tiny_net():
     """Factory fixture: ``make_tiny_net(in_channels=1, out_channels=2, spatial_dims=2, batch_norm=False, ...)``."""
     return tiny_net
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_square_data():
     """Factory fixture: ``make_square_data(batch=2, size=16, spatial_dims=2, ...) -> (images, labels)``."""
     return square_data

@@ -4,6 +4,7 @@ from monai_adv.data.datalist import (
     IMAGE_SUFFIXES,
     binarize_mask,
     datalist_from_folders,
+    image_datalist,
     load_datalist,
     split_datalist,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "binarize_mask",
     "datalist_from_folders",
     "ensure_synthetic_dataset",
+    "image_datalist",
     "load_datalist",
     "make_synthetic_dataset",
     "split_datalist",

@@ -14,7 +14,14 @@ from monai.data import load_decathlon_datalist
 
 from monai_adv.data.synthetic import ensure_synthetic_dataset
 
-__all__ = ["IMAGE_SUFFIXES", "binarize_mask", "datalist_from_folders", "load_datalist", "split_datalist"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "binarize_mask",
+    "datalist_from_folders",
+    "image_datalist",
+    "load_datalist",
+    "split_datalist",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz")
 
@@ -68,6 +75,22 @@ def datalist_from_folders(dataset_dir: str | os.PathLike) -> list[dict[str, str]
             f"masks without an image: {unpaired_masks[:5]}{'...' if len(unpaired_masks) > 5 else ''}."
         )
     return [{"image": images[s], "label": masks[s], "id": s} for s in sorted(images)]
+
+
+def image_datalist(folder: str | os.PathLike) -> list[dict[str, str]]:
+    """``[{"image": path}, ...]`` for every image file in ``folder`` (sorted), for inference.
+
+    Raises:
+        FileNotFoundError: when ``folder`` is not a folder.
+        ValueError: when it holds no images.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input_dir {root} is not a folder.")
+    files = _files_by_stem(root)
+    if not files:
+        raise ValueError(f"{root} holds no images with suffixes {IMAGE_SUFFIXES}.")
+    return [{"image": files[s]} for s in sorted(files)]
 
 
 def split_datalist(

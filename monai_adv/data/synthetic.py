@@ -124,7 +124,12 @@ def make_synthetic_dataset(
             "seed": seed,
         }
         (staging / _MANIFEST).write_text(json.dumps(manifest, indent=1))
-        os.replace(staging, root)
+        try:
+            os.replace(staging, root)
+        except OSError as err:  # another process (e.g. a torchrun peer) finished first
+            if root.exists():
+                raise FileExistsError(f"{root} was created by another process meanwhile.") from err
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

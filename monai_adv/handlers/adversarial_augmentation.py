@@ -231,9 +231,13 @@ class AdversarialAugmentationHandler(Randomizable):
                     batch[key] = batch[key].to(device, non_blocking=non_blocking)
         size = _batch_size(batch, list(needed))
         if self.mode == "append":
-            copies = [t(batch) for t in self.transforms]
+            copies = []
+            for t in self.transforms:
+                copy = t(batch)
+                if t.last_stats:  # skipped by its prob: no clean duplicate
+                    copies.append(copy)
             new_batch = {key: _concat([batch[key]] + [c[key] for c in copies], size) for key in batch}
-            added = size * len(self.transforms)
+            added = size * len(copies)
         else:
             new_batch, added = self._replace(batch, size)
         engine.state.batch = new_batch

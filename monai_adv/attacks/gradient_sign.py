@@ -119,6 +119,15 @@ def _compute_loss(loss_function: LossFunction, pred: torch.Tensor, labels: torch
     return loss.mean() if loss.ndim > 0 else loss
 
 
+def _as_network_input(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Cast to the network's floating dtype (differentiably), so that e.g. float64 images keep their
+    precision in the perturbation while a float32 network computes the gradient."""
+    for param in network.parameters():
+        if param.is_floating_point():
+            return images if images.dtype == param.dtype else images.to(param.dtype)
+    return images
+
+
 def input_gradient(
     network: nn.Module,
     loss_function: LossFunction,
@@ -135,7 +144,8 @@ def input_gradient(
         network: maps ``(B, C, *spatial)`` to predictions ``(B, K, *spatial)``; a tuple or list
             output (deep supervision) uses its first element.
         loss_function: ``loss_function(pred, labels)``, e.g. ``monai.losses.DiceCELoss``.
-        images: the batch, floating point.
+        images: the batch, floating point; cast to the network's dtype for the forward pass,
+            the gradient comes back in the images' dtype.
         labels: the matching labels.
         amp: run the forward pass under ``torch.autocast`` for the images' device; the loss is
             computed in float32.
@@ -151,7 +161,7 @@ def input_gradient(
     with torch.inference_mode(False), torch.enable_grad():
         x = images.detach().clone().requires_grad_(True)
         with torch.autocast(device_type=x.device.type, enabled=amp):
-            pred = network(x)
+            pred = network(_as_network_input(network, x))
         if isinstance(pred, (tuple, list)):
             pred = pred[0]
         loss = _compute_loss(loss_function, pred.float() if amp else pred, labels)
@@ -351,11 +361,11 @@ def gradient_sign_attack(
     """
     batch_size = images.shape[0] if isinstance(images, torch.Tensor) and images.ndim > 0 else 0
     if isinstance(epsilon, torch.Tensor):
-        eps = epsilon.detach().to(device=images.device, dtype=torch.float32).flatten()
+        eps = epsilon.detach().to(device=images.device, dtype=torch.float64).flatten()
         if eps.numel() == 1 and batch_size != 1:
             eps = eps.expand(batch_size)
     else:
-        eps = torch.full((batch_size,), float(epsilon), device=getattr(images, "device", None))
+        eps = torch.full((batch_size,), float(epsilon), dtype=torch.float64, device=getattr(images, "device", None))
     _validate(images, labels, eps, num_steps, step_size)
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be 'ascend' (FGSM) or 'descend' (Inverse FGSM), got {direction!r}.")
@@ -405,7 +415,7 @@ def _forward_loss(
     network: nn.Module, loss_function: LossFunction, images: torch.Tensor, labels: torch.Tensor, amp: bool
 ) -> torch.Tensor:
     with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=amp):
-        pred = network(images)
+        pred = network(_as_network_input(network, images))
     if isinstance(pred, (tuple, list)):
         pred = pred[0]
     with torch.no_grad():

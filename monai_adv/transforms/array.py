@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -24,7 +25,7 @@ LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _epsilon_range(epsilon: float | Sequence[float]) -> tuple[float, float]:
     """Validate ``epsilon`` (a number or a ``(low, high)`` range) and return it as a range."""
-    if isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool):
+    if isinstance(epsilon, numbers.Real) and not isinstance(epsilon, bool):
         low = high = float(epsilon)
     elif isinstance(epsilon, Sequence) and len(epsilon) == 2 and not isinstance(epsilon, str):
         low, high = (float(v) for v in epsilon)
@@ -35,11 +36,10 @@ def _epsilon_range(epsilon: float | Sequence[float]) -> tuple[float, float]:
     return low, high
 
 
-def _network_device_dtype(network: nn.Module) -> tuple[torch.device, torch.dtype]:
+def _network_device(network: nn.Module) -> torch.device:
     for param in network.parameters():
-        if param.is_floating_point():
-            return param.device, param.dtype
-    return torch.device("cpu"), torch.float32
+        return param.device
+    return torch.device("cpu")
 
 
 class GradientSign(Randomizable, Transform):
@@ -154,7 +154,7 @@ class GradientSign(Randomizable, Transform):
             expected = "(B, C, *spatial)" if self.batched else "channel-first (C, *spatial)"
             raise ValueError(f"img must be {expected}, got shape {tuple(img.shape)}.")
 
-        device, dtype = _network_device_dtype(self.network)
+        device = _network_device(self.network)
         if isinstance(img, torch.Tensor) and not img.is_floating_point() or (
             isinstance(img, np.ndarray) and not np.issubdtype(img.dtype, np.floating)
         ):
@@ -162,7 +162,8 @@ class GradientSign(Randomizable, Transform):
                 f"img must be floating point, got dtype {img.dtype}: a perturbation of size epsilon would be "
                 "rounded away. Convert first (e.g. EnsureTyped(dtype=torch.float32) and ScaleIntensityd)."
             )
-        images = convert_to_tensor(img, dtype=dtype, device=device, track_meta=False)
+        # Keep the input's precision; the core casts to the network's dtype for the forward pass.
+        images = convert_to_tensor(img, device=device, track_meta=False)
         labels = convert_to_tensor(label, device=device, track_meta=False)
         if not self.batched:
             images, labels = images.unsqueeze(0), labels.unsqueeze(0)

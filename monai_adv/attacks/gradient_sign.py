@@ -43,6 +43,8 @@ _CLAMP_MODES = ("range", "image", "none")
 _ZERO_GRADIENT_ACTIONS = ("raise", "warn", "ignore")
 # Values this far outside ``value_range`` are taken as a sign that the range is wrong for the data.
 _RANGE_TOLERANCE = 1e-4
+# Loss scale for input gradients under AMP (see input_gradient).
+_AMP_LOSS_SCALE = 2.0**12
 
 
 class ZeroInputGradientError(ValueError):
@@ -148,7 +150,8 @@ def input_gradient(
             the gradient comes back in the images' dtype.
         labels: the matching labels.
         amp: run the forward pass under ``torch.autocast`` for the images' device; the loss is
-            computed in float32.
+            computed in float32 and scaled for the backward pass so that float16 gradients keep
+            their sign (the scale cannot change a sign).
 
     Returns:
         ``(gradient, loss)``: the gradient (same shape and dtype as ``images``) and the detached
@@ -170,7 +173,15 @@ def input_gradient(
                 "the loss does not depend on the input images (no autograd graph): check that the network "
                 "and loss_function are differentiable and that the network is not frozen under torch.no_grad."
             )
-        (grad,) = torch.autograd.grad(loss, x)
+        if not amp:
+            (grad,) = torch.autograd.grad(loss, x)
+            return grad.detach(), loss.detach()
+        # Under float16 autocast, small input gradients underflow to zero and lose their sign.
+        # The sign does not change with a positive scale, so scale the loss as GradScaler does,
+        # and fall back to no scaling if that overflows.
+        (grad,) = torch.autograd.grad(loss * _AMP_LOSS_SCALE, x, retain_graph=True)
+        if not bool(torch.isfinite(grad).all()):
+            (grad,) = torch.autograd.grad(loss, x)
     return grad.detach(), loss.detach()
 
 

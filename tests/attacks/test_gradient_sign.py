@@ -478,3 +478,18 @@ def test_zero_input_gradient(make_tiny_net, make_square_data):
         warnings.simplefilter("error")
         result = gradient_sign_attack(net, loss_fn, images, labels, 0.1, on_zero_gradient="ignore")
     assert torch.equal(result.images, images)
+
+
+def test_amp_on_cpu_moves_pixels_by_epsilon(make_square_data):
+    """autocast on the CPU (bfloat16): the scaled-loss gradient path still gives signed steps almost everywhere
+    (a few pixels' gradients cancel exactly in bfloat16)."""
+    torch.manual_seed(0)
+    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4)).eval()
+    images, mask = make_square_data(batch=2, size=32, seed=5)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    result = gradient_sign_attack(net, loss_fn, images, mask, 0.05, clamp="none", amp=True)
+    delta = (result.images - images).abs()
+    assert result.images.dtype == images.dtype
+    assert delta.max() <= 0.05 + 1e-6
+    assert (delta > 0.05 - 1e-6).float().mean() > 0.99
+    assert result.loss_before.dtype == torch.float32

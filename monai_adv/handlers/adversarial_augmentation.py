@@ -247,6 +247,7 @@ class AdversarialAugmentationHandler(Randomizable):
         count = max(1, int(round(self.replace_fraction * size)))
         chosen = self.R.permutation(size)[:count]
         new_batch = dict(batch)
+        replaced = 0
         for t, indices in zip(self.transforms, np.array_split(chosen, len(self.transforms))):
             if len(indices) == 0:
                 continue
@@ -254,11 +255,14 @@ class AdversarialAugmentationHandler(Randomizable):
             keys = (*t.keys, t.label_key)
             subset = {key: batch[key][index.to(batch[key].device)] for key in keys}
             perturbed = t(subset)
+            if not t.last_stats:  # skipped by its prob: these samples stay clean
+                continue
+            replaced += len(indices)
             for key in t.keys:
                 updated = new_batch[key].clone()  # never write into the loader's tensors
                 updated[index.to(updated.device)] = perturbed[key].to(updated.dtype)
                 new_batch[key] = updated
-        return new_batch, count
+        return new_batch, replaced
 
     def _record(self, engine: Engine, added: int) -> None:
         values: dict[str, float] = {"adv_samples": float(added)}

@@ -125,8 +125,7 @@ class AdversarialAugmentationHandler(Randomizable):
         self.network = network
         self.loss_function = loss_function
         self.logger = logging.getLogger(name or f"monai_adv.{type(self).__name__}")
-        self._totals: dict[str, float] = {}
-        self._iterations = 0
+        self._totals: dict[str, tuple[float, int]] = {}  # metric name -> (sum, count) this epoch
 
     @property
     def params(self) -> dict[str, Any]:
@@ -198,8 +197,10 @@ class AdversarialAugmentationHandler(Randomizable):
                     handler._log_params(params)
 
     def _reset_stats(self, engine: Engine) -> None:
+        """Start the epoch's means afresh; drop last epoch's values so none is reported stale."""
+        for name in self._totals:
+            engine.state.metrics.pop(name, None)
         self._totals = {}
-        self._iterations = 0
 
     def __call__(self, engine: Engine) -> None:
         """Replace ``engine.state.batch`` by its augmented version.
@@ -265,6 +266,7 @@ class AdversarialAugmentationHandler(Randomizable):
         return new_batch, replaced
 
     def _record(self, engine: Engine, added: int) -> None:
+        """Update the running epoch means; each one averages only the iterations that produced its value."""
         values: dict[str, float] = {"adv_samples": float(added)}
         applied = [t for t in self.transforms if t.last_stats]
         if applied:
@@ -273,10 +275,10 @@ class AdversarialAugmentationHandler(Randomizable):
         for t in applied:
             if t.last_stats.get("loss_after") is not None:
                 values[f"adv_loss_{self._method_name(t)}"] = float(t.last_stats["loss_after"])  # type: ignore[arg-type]
-        self._iterations += 1
         for name, value in values.items():
-            self._totals[name] = self._totals.get(name, 0.0) + value
-            engine.state.metrics[name] = self._totals[name] / self._iterations
+            total, count = self._totals.get(name, (0.0, 0))
+            self._totals[name] = (total + value, count + 1)
+            engine.state.metrics[name] = (total + value) / (count + 1)
 
     @staticmethod
     def _method_name(transform: GradientSignd) -> str:

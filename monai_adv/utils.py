@@ -43,8 +43,6 @@ def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint_epoc
     return str(max(found, key=order))
 
 
-
-
 def require_file(path: str | os.PathLike, what: str = "file") -> str:
     """Return ``path`` if it is a file, else raise an error that says which input it was.
 

@@ -155,14 +155,8 @@ class GradientSign(Randomizable, Transform):
             raise ValueError(f"img must be {expected}, got shape {tuple(img.shape)}.")
 
         device = _network_device(self.network)
-        if isinstance(img, torch.Tensor) and not img.is_floating_point() or (
-            isinstance(img, np.ndarray) and not np.issubdtype(img.dtype, np.floating)
-        ):
-            raise TypeError(
-                f"img must be floating point, got dtype {img.dtype}: a perturbation of size epsilon would be "
-                "rounded away. Convert first (e.g. EnsureTyped(dtype=torch.float32) and ScaleIntensityd)."
-            )
-        # Keep the input's precision; the core casts to the network's dtype for the forward pass.
+        # Keep the input's dtype: the core casts to the network's dtype for the forward pass only,
+        # and rejects integer images (TypeError naming the dtype).
         images = convert_to_tensor(img, device=device, track_meta=False)
         labels = convert_to_tensor(label, device=device, track_meta=False)
         if not self.batched:

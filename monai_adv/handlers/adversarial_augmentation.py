@@ -63,8 +63,8 @@ class AdversarialAugmentationHandler(Randomizable):
     ``StatsHandler`` and ``MLFlowHandler`` log them at the epoch's end): ``adv_epsilon``,
     ``adv_samples`` (adversarial samples per batch), ``adv_loss_clean`` and, for transforms built
     with ``return_loss_after=True``, the loss on their output (``adv_loss_fgsm``,
-    ``adv_loss_invfgsm``). At ``STARTED`` it hands :attr:`params` to any ``MLFlowHandler`` attached to the same engine, so that MLflow runs
-    carry the adversarial settings as parameters.
+    ``adv_loss_invfgsm``). At ``STARTED`` it hands :attr:`params` to any ``MLFlowHandler``
+    attached to the same engine, so that MLflow runs carry the adversarial settings as parameters.
 
     Args:
         transform: one batched dictionary transform (``FGSMd``/``InvFGSMd``, ``batched=True``)

@@ -26,6 +26,8 @@ __all__ = [
     "AttackResult",
     "ClampMode",
     "Direction",
+    "LossFunction",
+    "ZeroGradientAction",
     "ZeroInputGradientError",
     "clamp_bounds",
     "gradient_sign_attack",
@@ -37,6 +39,7 @@ __all__ = [
 Direction = Literal["ascend", "descend"]
 ClampMode = Literal["range", "image", "none"]
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ZeroGradientAction = Literal["raise", "warn", "ignore"]
 
 _DIRECTIONS = {"ascend": 1.0, "descend": -1.0}
 _CLAMP_MODES = ("range", "image", "none")

@@ -81,11 +81,18 @@ def read_fully(path: str | os.PathLike) -> None:
 
 
 def has_foreground(path: str | os.PathLike) -> bool:
-    """Whether a mask file has any non-zero value in any channel (what :func:`binarize_mask` keeps)."""
-    if _is_nifti(path):
-        return bool(np.asanyarray(nib.load(path).dataobj).any())
-    with Image.open(path) as image:
-        return bool(np.asarray(image).any())
+    """Whether a mask file has any non-zero value in any channel (what :func:`binarize_mask` keeps).
+
+    Raises:
+        ValueError: when the file cannot be decoded, naming it.
+    """
+    try:
+        if _is_nifti(path):
+            return bool(np.asanyarray(nib.load(path).dataobj).any())
+        with Image.open(path) as image:
+            return bool(np.asarray(image).any())
+    except Exception as err:
+        raise ValueError(f"{path} cannot be decoded: {type(err).__name__}: {err}") from err
 
 
 def _listed(problems: Sequence[str]) -> str:

@@ -31,7 +31,7 @@ class CheckedLoadImaged(LoadImaged):
         except Exception as err:
             files = {key: data[key] for key in self.key_iterator(dict(data))}
             for key, path in files.items():
-                if not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
+                if not isinstance(path, str) and not hasattr(path, "__fspath__"):  # e.g. a list of files (series)
                     continue
                 try:
                     read_fully(path)

@@ -271,3 +271,12 @@ def test_kvasir_passes_the_checks_with_its_test_split():
     assert [len(data[k]) for k in ("training", "validation", "test")] == [800, 100, 100]
     ids = [item["id"] for part in data.values() for item in part]
     assert len(set(ids)) == 1000
+
+
+def test_undecodable_mask_met_by_the_foreground_check_is_named(tmp_path):
+    root = dataset(tmp_path / "ds")
+    mask = root / "masks" / "a.png"
+    write_image(mask, np.random.default_rng(1).integers(0, 255, (12, 10), dtype=np.uint8))
+    mask.write_bytes(mask.read_bytes()[:-30])  # header intact, pixel data cut
+    with pytest.raises(ValueError, match=rf"{mask} cannot be decoded"):
+        load_datalist(dataset_dir=root)

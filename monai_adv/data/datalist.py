@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from monai.data import load_decathlon_datalist
+from monai.data import load_decathlon_datalist, partition_dataset
 
+from monai_adv.data.checks import check_datalist, read_fully, read_header
 from monai_adv.data.synthetic import ensure_synthetic_dataset
 
 __all__ = [
@@ -77,12 +79,25 @@ def datalist_from_folders(dataset_dir: str | os.PathLike) -> list[dict[str, str]
     return [{"image": images[s], "label": masks[s], "id": s} for s in sorted(images)]
 
 
-def image_datalist(folder: str | os.PathLike) -> list[dict[str, str]]:
-    """``[{"image": path}, ...]`` for every image file in ``folder`` (sorted), for inference.
+def image_datalist(
+    folder: str | os.PathLike, spatial_dims: int | None = None, in_channels: int | None = None
+) -> list[dict[str, str]]:
+    """``[{"image": path}, ...]`` for every readable image file in ``folder`` (sorted), for inference.
+
+    Every file is decoded once here, so that one unreadable input (a truncated JPEG, a grey image
+    for an RGB network) is skipped with a warning that lists it, and inference carries on with the rest.
+
+    Args:
+        folder: the folder of input images.
+        spatial_dims: when given, skip images with another number of spatial axes.
+        in_channels: when given, skip images with another number of channels.
 
     Raises:
         FileNotFoundError: when ``folder`` is not a folder.
-        ValueError: when it holds no images.
+        ValueError: when it holds no images, or none that can be used (listing why).
+
+    Warns:
+        UserWarning: listing each skipped file and why.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -90,13 +105,38 @@ def image_datalist(folder: str | os.PathLike) -> list[dict[str, str]]:
     files = _files_by_stem(root)
     if not files:
         raise ValueError(f"{root} holds no images with suffixes {IMAGE_SUFFIXES}.")
-    return [{"image": files[s]} for s in sorted(files)]
+    kept, skipped = [], []
+    for stem in sorted(files):
+        path = files[stem]
+        try:
+            header = read_header(path)
+            read_fully(path)
+        except (FileNotFoundError, ValueError) as err:
+            skipped.append(str(err))
+            continue
+        if spatial_dims is not None and len(header.spatial_shape) != spatial_dims:
+            skipped.append(f"{path} has {len(header.spatial_shape)} spatial dimensions, spatial_dims is {spatial_dims}")
+        elif in_channels is not None and header.channels != in_channels:
+            skipped.append(
+                f"{path} has {header.channels} channel(s) (mode {header.mode}), in_channels is {in_channels}"
+            )
+        else:
+            kept.append({"image": path})
+    listing = "\n  ".join(skipped)
+    if not kept:
+        raise ValueError(f"none of the {len(files)} images in {root} can be used:\n  {listing}")
+    if skipped:
+        warnings.warn(f"skipping {len(skipped)} of {len(files)} images in {root}:\n  {listing}", stacklevel=2)
+    return kept
 
 
 def split_datalist(
     items: Sequence[dict[str, Any]], val_fraction: float = 0.2, seed: int = 0
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """A deterministic shuffled split into training and validation items.
+
+    :func:`monai.data.partition_dataset` shuffles and cuts; on top of it this keeps both parts
+    non-empty and each part in the items' original order.
 
     Raises:
         ValueError: when ``val_fraction`` is not in (0, 1) or there are fewer than 2 items.
@@ -105,26 +145,76 @@ def split_datalist(
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}.")
     if len(items) < 2:
         raise ValueError(f"need at least 2 items to split into training and validation, got {len(items)}.")
-    order = np.random.default_rng(seed).permutation(len(items))
-    num_val = min(len(items) - 1, max(1, int(round(val_fraction * len(items)))))
-    validation = [items[i] for i in sorted(order[:num_val])]
-    training = [items[i] for i in sorted(order[num_val:])]
-    return training, validation
+    num_val = min(len(items) - 1, max(1, round(val_fraction * len(items))))
+    train_indices, val_indices = partition_dataset(
+        list(range(len(items))), ratios=[len(items) - num_val, num_val], shuffle=True, seed=seed
+    )
+    return [items[i] for i in sorted(train_indices)], [items[i] for i in sorted(val_indices)]
 
 
-def _split_by_file(items: list[dict[str, str]], split_file: Path) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    split = json.loads(split_file.read_text())
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}."
+        ) from err
+
+
+def _duplicates(values: Sequence[str]) -> list[str]:
+    return sorted(value for value, count in Counter(values).items() if count > 1)
+
+
+def _split_by_file(
+    items: list[dict[str, str]], split_file: Path
+) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]] | None]:
+    split = _read_json(split_file, "split file")
+    if not isinstance(split, dict):
+        raise ValueError(f"{split_file} must hold a JSON object with 'train' and 'validation' lists of ids.")  # noqa: TRY004 (bad file content)
     by_id = {item["id"]: item for item in items}
-    parts = []
-    for names in (("train", "training"), ("validation", "val")):
+    ids: dict[str, list[str]] = {}
+    for names in (("train", "training"), ("validation", "val"), ("test",)):
         key = next((k for k in names if k in split), None)
         if key is None:
+            if names[0] == "test":
+                continue
             raise ValueError(f"{split_file} has no {' or '.join(repr(n) for n in names)} list of ids.")
-        unknown = [i for i in split[key] if i not in by_id]
+        listed = split[key]
+        if not isinstance(listed, list) or not all(isinstance(i, str) for i in listed):
+            raise ValueError(f"{split_file}: {key!r} must be a list of id strings, got {str(listed)[:100]}.")
+        if not listed and names[0] != "test":
+            raise ValueError(f"{split_file}: the {key!r} list is empty.")
+        unknown = [i for i in listed if i not in by_id]
         if unknown:
             raise ValueError(f"{split_file} lists ids with no image/mask pair under {key!r}: {unknown[:5]}.")
-        parts.append([by_id[i] for i in split[key]])
-    return parts[0], parts[1]
+        repeated = _duplicates(listed)
+        if repeated:
+            raise ValueError(f"{split_file} lists ids more than once under {key!r}: {repeated[:5]}.")
+        ids[key] = listed
+    keys = list(ids)
+    for i, first in enumerate(keys):
+        for second in keys[i + 1 :]:
+            shared = sorted(set(ids[first]) & set(ids[second]))
+            if shared:
+                raise ValueError(
+                    f"{split_file} lists {len(shared)} id(s) under both {first!r} and {second!r}: {shared[:5]}."
+                )
+    parts = [[by_id[i] for i in ids[key]] for key in keys]
+    return parts[0], parts[1], parts[2] if len(parts) > 2 else None
+
+
+def _check_disjoint(parts: dict[str, list[dict[str, Any]]], source: Path) -> None:
+    """Refuse an image listed twice in one part or in two parts of a Decathlon datalist."""
+    names = list(parts)
+    for name in names:
+        repeated = _duplicates([str(item.get("image")) for item in parts[name]])
+        if repeated:
+            raise ValueError(f"{source} lists images more than once under {name!r}: {repeated[:5]}.")
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            shared = sorted({str(x.get("image")) for x in parts[first]} & {str(x.get("image")) for x in parts[second]})
+            if shared:
+                raise ValueError(f"{source} lists image(s) under both {first!r} and {second!r}: {shared[:5]}.")
 
 
 def load_datalist(
@@ -137,62 +227,104 @@ def load_datalist(
     seed: int = 0,
     max_train: int | None = None,
     max_val: int | None = None,
+    spatial_dims: int | None = None,
+    in_channels: int | None = None,
+    check_files: bool = True,
 ) -> dict[str, list[dict[str, Any]]]:
-    """The training and validation items of the bundle, from the first source given.
+    """The training and validation (and test) items of the bundle, from the first source given, checked.
 
     1. ``datalist_file``: a Decathlon-style JSON (``{"training": [{"image", "label"}, ...],
-       "validation": [...]}``, paths relative to the file); without a ``"validation"`` list the
-       training list is split.
+       "validation": [...], "test": [...]}``, paths relative to the file); without a ``"validation"``
+       list the training list is split.
     2. ``dataset_dir`` with ``images/`` and ``masks/``; split by ``split_file`` (or
-       ``dataset_dir/split.json`` when present: ``{"train": [ids], "validation": [ids]}``), else
-       by a seeded shuffle.
+       ``dataset_dir/split.json`` when present: ``{"train": [ids], "validation": [ids], "test": [ids]}``,
+       ``"test"`` optional), else by a seeded shuffle.
     3. Neither: the synthetic dataset in ``synthetic_dir``, generated there on first use with
        ``synthetic_options`` (see :func:`~monai_adv.data.make_synthetic_dataset`).
+
+    Unless ``check_files`` is False, the returned items' files are checked from their headers
+    (:func:`~monai_adv.data.check_datalist`: readable, masks the size of their images, one
+    dimensionality and channel count, matching ``spatial_dims``/``in_channels`` when given), and a
+    warning is given when no training mask has any foreground.
 
     Args:
         val_fraction: validation share for the shuffled split.
         seed: seed of the shuffled split.
-        max_train, max_val: keep only the first items of each part (quick runs).
+        max_train, max_val: keep only the first items of each part (quick runs); at least 1.
+        spatial_dims: the network's spatial dimensions, checked against the images when given.
+        in_channels: the network's input channels, checked against the images when given.
+        check_files: check the files up front (a few hundred header reads per second of cost).
 
     Returns:
-        ``{"training": [...], "validation": [...]}``.
+        ``{"training": [...], "validation": [...]}``, plus ``"test": [...]`` when the split file or
+        datalist file has a test list.
 
     Raises:
         FileNotFoundError: for missing files or folders.
-        ValueError: for unpaired files, bad split files, or no source at all.
+        ValueError: for unpaired or bad files, malformed or overlapping split files, an empty
+            training or validation list, or no source at all; each naming the file or id.
     """
+    for name, value in (("max_train", max_train), ("max_val", max_val)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}.")
+    test: list[dict[str, Any]] | None = None
     if datalist_file is not None:
         path = Path(datalist_file)
         if not path.is_file():
             raise FileNotFoundError(f"datalist_file {path} does not exist.")
+        content = _read_json(path, "datalist_file")
+        if not isinstance(content, dict) or "training" not in content:
+            raise ValueError(f"datalist_file {path} must hold a JSON object with a 'training' list.")
         training = load_decathlon_datalist(path, data_list_key="training")
-        if "validation" in json.loads(path.read_text()):
+        if "validation" in content:
             validation = load_decathlon_datalist(path, data_list_key="validation")
         else:
             training, validation = split_datalist(training, val_fraction, seed)
+        if "test" in content:
+            test = load_decathlon_datalist(path, data_list_key="test")
+        source = path
+        _check_disjoint({"training": training, "validation": validation, **({"test": test} if test else {})}, path)
     elif dataset_dir is not None:
         items = datalist_from_folders(dataset_dir)
         split_path = Path(split_file) if split_file is not None else Path(dataset_dir) / "split.json"
         if split_file is not None and not split_path.is_file():
             raise FileNotFoundError(f"split_file {split_path} does not exist.")
         if split_path.is_file():
-            training, validation = _split_by_file(items, split_path)
+            training, validation, test = _split_by_file(items, split_path)
+            source = split_path
         else:
             training, validation = split_datalist(items, val_fraction, seed)
+            source = Path(dataset_dir)
     elif synthetic_dir is not None:
-        items = datalist_from_folders(ensure_synthetic_dataset(synthetic_dir, **(synthetic_options or {})))
-        training, validation = split_datalist(items, val_fraction, seed)
+        source = ensure_synthetic_dataset(synthetic_dir, **(synthetic_options or {}))
+        training, validation = split_datalist(datalist_from_folders(source), val_fraction, seed)
     else:
         raise ValueError("no data: give dataset_dir, datalist_file or synthetic_dir.")
-    return {"training": training[:max_train], "validation": validation[:max_val]}
+    for name, part in (("training", training), ("validation", validation)):
+        if not part:  # an empty validation list would train to the end without ever saving model.pt
+            raise ValueError(f"the {name} list from {source} is empty.")
+    data = {"training": training[:max_train], "validation": validation[:max_val]}
+    if test is not None:
+        data["test"] = test
+    if check_files:
+        check_datalist(
+            [item for part in data.values() for item in part],
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            foreground_items=data["training"],
+            name=str(source),
+        )
+    return data
 
 
 def binarize_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Binary foreground mask ``(1, *spatial)`` from a loaded mask of any value scale.
+    """Binary foreground mask ``(1, *spatial)`` from a loaded mask of any value scale and channel count.
 
-    Keeps the first channel (RGB masks saved from image editors) and thresholds at half the
-    largest value, which suits {0, 1}, {0, 255} and JPEG-compressed masks alike.
+    A pixel is foreground when any channel is above half the mask's largest value, which suits
+    {0, 1}, {0, 255} and JPEG-compressed masks, grey or coloured (a green or blue foreground counts
+    as much as a red one). Masks with an alpha channel are refused by
+    :func:`~monai_adv.data.check_datalist` before loading.
     """
-    first = mask[:1]
-    peak = first.max()
-    return (first > 0.5 * peak).to(torch.float32) if peak > 0 else torch.zeros_like(first, dtype=torch.float32)
+    strongest = mask.amax(dim=0, keepdim=True)
+    peak = strongest.max()
+    return (strongest > 0.5 * peak).to(torch.float32) if peak > 0 else torch.zeros_like(strongest, dtype=torch.float32)

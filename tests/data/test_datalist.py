@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-import monai_adv.data.synthetic as synthetic
 from monai_adv.data import (
     binarize_mask,
     datalist_from_folders,
@@ -21,6 +20,7 @@ from monai_adv.data import (
     load_datalist,
     make_synthetic_dataset,
     split_datalist,
+    synthetic,
 )
 
 
@@ -168,8 +168,12 @@ def test_split_json_in_dataset_dir_is_used_automatically(tmp_path):
     data = load_datalist(dataset_dir=root)
     assert [item["id"] for item in data["training"]] == ["e", "a", "c"]  # in the file's order
     assert [item["id"] for item in data["validation"]] == ["d"]
-    limited = load_datalist(dataset_dir=root, max_train=2, max_val=0)
-    assert [item["id"] for item in limited["training"]] == ["e", "a"] and limited["validation"] == []
+    assert [item["id"] for item in data["test"]] == ["b"]  # the split's test list comes back too
+    limited = load_datalist(dataset_dir=root, max_train=2, max_val=1)
+    assert [item["id"] for item in limited["training"]] == ["e", "a"] and [i["id"] for i in limited["validation"]] == [
+        "d"
+    ]
+    assert "test" not in load_datalist(dataset_dir=make_pairs(tmp_path / "no_test", ["a", "b"]))
 
 
 def test_split_file_accepts_training_and_val_keys(tmp_path):
@@ -223,7 +227,9 @@ def test_decathlon_datalist_file(tmp_path):
 
 def test_decathlon_datalist_without_validation_is_split(tmp_path):
     datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"training": [{"image": f"i{i}.png", "label": f"m{i}.png"} for i in range(5)]}))
+    make_pairs(tmp_path, [f"i{i}" for i in range(5)])
+    training = [{"image": f"images/i{i}.png", "label": f"masks/i{i}.png"} for i in range(5)]
+    datalist.write_text(json.dumps({"training": training}))
     data = load_datalist(datalist_file=datalist, val_fraction=0.4)
     assert len(data["training"]) == 3 and len(data["validation"]) == 2
     assert {Path(i["image"]).name for i in data["training"] + data["validation"]} == {f"i{i}.png" for i in range(5)}
@@ -255,11 +261,12 @@ def test_binarize_mask_scales(peak):
     assert out.sum() == 4 and out[0, 1:3, 1:3].eq(1).all()
 
 
-def test_binarize_mask_keeps_the_first_channel_and_handles_empty_masks():
+@pytest.mark.parametrize("channel", [0, 1, 2])
+def test_binarize_mask_takes_foreground_from_any_channel_and_handles_empty_masks(channel):
     rgb = torch.zeros(3, 4, 4)
-    rgb[0, 0] = 255
-    rgb[1] = 255  # other channels are ignored
+    rgb[channel, 0] = 255  # a red, green or blue foreground row
     assert binarize_mask(rgb).shape == (1, 4, 4) and binarize_mask(rgb).sum() == 4
+    assert binarize_mask(rgb)[0, 0].eq(1).all()
     assert binarize_mask(torch.zeros(1, 4, 4)).eq(0).all()
 
 

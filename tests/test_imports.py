@@ -59,3 +59,11 @@ def test_unknown_attribute_raises_attribute_error():
     with pytest.raises(AttributeError, match="no_such_module"):
         monai_adv.no_such_module  # noqa: B018
     assert not hasattr(monai_adv, "_private")
+
+
+@pytest.mark.parametrize("name", sorted(info.name for info in pkgutil.iter_modules(monai_adv.__path__)))
+def test_every_module_has_an_api_page(name):
+    # docs/api/<name>.rst documents a package and all its submodules (see docs/conf.py); a new package needs one.
+    page = REPO_ROOT / "docs" / "api" / f"{name}.rst"
+    assert page.is_file(), f"add {page.relative_to(REPO_ROOT)} with '.. monai-adv-api:: monai_adv.{name}'"
+    assert f".. monai-adv-api:: monai_adv.{name}" in page.read_text()

@@ -42,9 +42,14 @@ __all__ = [
     "signed_gradient_step",
 ]
 
+#: ``"ascend"`` (FGSM: raise the loss) or ``"descend"`` (Inverse FGSM: lower it).
 Direction = Literal["ascend", "descend"]
+#: ``"range"`` (a fixed value range), ``"image"`` (each image's own min/max) or ``"none"``.
 ClampMode = Literal["range", "image", "none"]
+#: ``loss_function(pred, labels) -> loss``: any MONAI or torch loss; a non-scalar loss is averaged.
+#: The one alias the transforms and handlers use too.
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: What to do when the input gradient is zero everywhere: ``"raise"``, ``"warn"`` or ``"ignore"``.
 ZeroGradientAction = Literal["raise", "warn", "ignore"]
 
 _DIRECTIONS = {"ascend": 1.0, "descend": -1.0}

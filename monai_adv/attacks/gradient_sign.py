@@ -347,8 +347,9 @@ def _bounds(
             f"({low_value:g}, {high_value:g}); clamping would destroy them. Scale the images into the range, "
             "set value_range to the data's range, or use clamp='image' (each image's own min/max) or clamp='none'."
         )
-    low = torch.tensor(low_value, dtype=images.dtype, device=images.device)
-    high = torch.tensor(high_value, dtype=images.dtype, device=images.device)
+    # Filled on the device: torch.tensor(value, device=...) would be a host-to-device copy, which synchronises.
+    low = torch.full((), low_value, dtype=images.dtype, device=images.device)
+    high = torch.full((), high_value, dtype=images.dtype, device=images.device)
     return low, high
 
 

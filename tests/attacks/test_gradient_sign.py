@@ -601,3 +601,25 @@ def test_network_returning_a_tuple_of_non_tensors_is_refused(setup):
 
     with pytest.raises(TypeError, match="tuple whose first element is str"):
         gradient_sign_attack(Odd(), loss_fn, images, mask, 0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_steps", [1, 3])
+def test_one_synchronisation_for_the_checks_and_one_per_gradient_pass_on_cuda(
+    make_tiny_net, make_square_data, num_steps
+):
+    net = make_tiny_net(seed=19).cuda().eval()
+    images, mask = (t.cuda() for t in make_square_data(seed=19))
+    labels = mask[:, 0].long()
+    loss_fn = nn.CrossEntropyLoss()
+    gradient_sign_attack(net, loss_fn, images, labels, 0.1, num_steps=num_steps)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gradient_sign_attack(net, loss_fn, images, labels, 0.1, num_steps=num_steps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1 + num_steps, syncs

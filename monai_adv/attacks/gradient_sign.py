@@ -1,8 +1,13 @@
 """Signed-gradient perturbations: FGSM, Inverse FGSM and their iterative (projected) forms.
 
 Everything here works on batched torch tensors ``(B, C, *spatial)`` (2D, 3D or any other
-number of spatial dimensions) and knows nothing of MONAI or Ignite. The MONAI transforms,
-the Ignite handler and the evaluation code are thin shells over :func:`gradient_sign_attack`.
+number of spatial dimensions) and knows nothing of MONAI or Ignite. The shells over
+:func:`gradient_sign_attack` add the rest: the MONAI transforms (:mod:`monai_adv.transforms`), the Ignite
+training handler (:mod:`monai_adv.handlers`) and the robustness evaluation.
+
+Host-device synchronisation is kept to one point before the first gradient pass (all value checks
+on images, labels and epsilon together) and one per gradient pass (finite loss, finite and non-zero
+gradient together), so that the checks cost little on a GPU.
 
 The pieces are kept separate so that a training step that already has the input gradient
 from its own backward pass can build the adversarial copy with :func:`signed_gradient_step`
@@ -27,6 +32,7 @@ __all__ = [
     "ClampMode",
     "Direction",
     "LossFunction",
+    "NonFiniteLossError",
     "ZeroGradientAction",
     "ZeroInputGradientError",
     "clamp_bounds",
@@ -36,9 +42,14 @@ __all__ = [
     "signed_gradient_step",
 ]
 
+#: ``"ascend"`` (FGSM: raise the loss) or ``"descend"`` (Inverse FGSM: lower it).
 Direction = Literal["ascend", "descend"]
+#: ``"range"`` (a fixed value range), ``"image"`` (each image's own min/max) or ``"none"``.
 ClampMode = Literal["range", "image", "none"]
+#: ``loss_function(pred, labels) -> loss``: any MONAI or torch loss; a non-scalar loss is averaged.
+#: The one alias the transforms and handlers use too.
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: What to do when the input gradient is zero everywhere: ``"raise"``, ``"warn"`` or ``"ignore"``.
 ZeroGradientAction = Literal["raise", "warn", "ignore"]
 
 _DIRECTIONS = {"ascend": 1.0, "descend": -1.0}
@@ -52,6 +63,13 @@ _AMP_LOSS_SCALE = 2.0**12
 
 class ZeroInputGradientError(ValueError):
     """The loss gradient with respect to the input is zero everywhere, so no perturbation can be made."""
+
+
+class NonFiniteLossError(ValueError):
+    """The loss, or its gradient with respect to the input, is NaN or infinite (e.g. NaN network weights).
+
+    ``sign(NaN)`` is 0, so without this error the attack would return the images unchanged.
+    """
 
 
 @dataclass
@@ -71,53 +89,109 @@ class AttackResult:
     loss_after: torch.Tensor | None = None
 
 
+def _direction_sign(direction: Direction) -> float:
+    """``+1.0`` for ``"ascend"``, ``-1.0`` for ``"descend"``; the one place the direction is checked."""
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be 'ascend' (FGSM) or 'descend' (Inverse FGSM), got {direction!r}.")
+    return _DIRECTIONS[direction]
+
+
 def _per_sample(value: torch.Tensor, ndim: int) -> torch.Tensor:
     """Reshape a ``(B,)`` tensor so that it broadcasts over ``(B, C, *spatial)``."""
     return value.reshape(-1, *([1] * (ndim - 1)))
 
 
-def _describe_label(labels: torch.Tensor) -> str:
+@dataclass(frozen=True)
+class _LabelStats:
+    """Label values gathered in the one synchronisation before the attack (see :func:`_batch_statistics`)."""
+
+    low: float
+    high: float
+    non_integer: bool
+
+
+def _describe_label(labels: torch.Tensor, stats: _LabelStats | None) -> str:
     text = f"label of shape {tuple(labels.shape)} and dtype {labels.dtype}"
-    if labels.numel() > 0:
-        text += f" with values in [{labels.min().item():g}, {labels.max().item():g}]"
+    if stats is not None:
+        text += f" with values in [{stats.low:g}, {stats.high:g}]"
     return text
 
 
-def _check_labels_fit_prediction(pred: torch.Tensor, labels: torch.Tensor) -> None:
+def _check_labels_fit_prediction(pred: torch.Tensor, labels: torch.Tensor, stats: _LabelStats | None) -> None:
     """Catch the label mistakes that segmentation losses would otherwise accept silently.
 
     Class-index labels (one channel, or no channel) must hold integers ``0..C-1`` for a
     ``C``-channel prediction (``C >= 2``): a mask stored as {0, 255} is the common mistake, and
     ``to_onehot_y`` would cast it without complaint. One-hot or sigmoid-head labels must lie in [0, 1].
+    ``stats`` is None for boolean or empty labels, which need no check.
     """
-    if labels.dtype != torch.bool and labels.numel() > 0:
-        num_classes = pred.shape[1]
-        index_labels = labels.ndim == pred.ndim - 1 or (labels.shape[1] == 1 and num_classes > 1)
-        low, high = labels.min(), labels.max()
-        if index_labels:
-            limit = num_classes - 1
-            non_integer = labels.is_floating_point() and bool((labels != labels.round()).any())
-            if low < 0 or high > limit or non_integer:
-                raise ValueError(
-                    f"labels must be class indices 0..{limit} for a prediction with {num_classes} channels; got "
-                    f"{_describe_label(labels)}. Binarise masks (e.g. AsDiscrete(threshold=0.5)) before the attack."
-                )
-        elif low < 0 or high > 1:
+    if stats is None:
+        return
+    num_classes = pred.shape[1]
+    index_labels = labels.ndim == pred.ndim - 1 or (labels.shape[1] == 1 and num_classes > 1)
+    if index_labels:
+        limit = num_classes - 1
+        if stats.low < 0 or stats.high > limit or stats.non_integer:
             raise ValueError(
-                f"labels with {labels.shape[1]} channel(s) for a prediction with {num_classes} channel(s) must be "
-                f"one-hot or binary with values in [0, 1]; got {_describe_label(labels)}."
+                f"labels must be class indices 0..{limit} for a prediction with {num_classes} channels; got "
+                f"{_describe_label(labels, stats)}. Binarise masks (e.g. AsDiscrete(threshold=0.5)) before the attack."
             )
+    elif stats.low < 0 or stats.high > 1:
+        raise ValueError(
+            f"labels with {labels.shape[1]} channel(s) for a prediction with {num_classes} channel(s) must be "
+            f"one-hot or binary with values in [0, 1]; got {_describe_label(labels, stats)}."
+        )
 
 
-def _compute_loss(loss_function: LossFunction, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    _check_labels_fit_prediction(pred, labels)
+def _label_stats(labels: torch.Tensor) -> _LabelStats | None:
+    """Label statistics for the label check (one synchronisation); used where no batch statistics exist."""
+    if labels.dtype == torch.bool or labels.numel() == 0:
+        return None
+    low, high, non_integer = _label_summary(labels).tolist()
+    return _LabelStats(low, high, bool(non_integer))
+
+
+def _label_summary(labels: torch.Tensor) -> torch.Tensor:
+    """``[min, max, any non-integer]`` of non-empty, non-boolean labels, as a float32 tensor on their device."""
+    values = labels.float() if not labels.is_floating_point() else labels
+    non_integer = (values != values.round()).any() if labels.is_floating_point() else values.new_zeros(())
+    return torch.stack([values.min().float(), values.max().float(), non_integer.float()])
+
+
+def _prediction(output: object) -> torch.Tensor:
+    """The prediction tensor from a network output: the tensor itself, or the first element of a tuple or list
+    (deep supervision, as MONAI's networks return it).
+
+    Raises:
+        TypeError: for any other output, e.g. a dict (as torchvision's segmentation models return).
+    """
+    pred = output[0] if isinstance(output, (tuple, list)) and len(output) > 0 else output
+    if isinstance(pred, torch.Tensor):
+        return pred
+    if isinstance(output, dict):
+        found = f"a dict with keys {sorted(map(str, output))}"
+    elif isinstance(output, (tuple, list)):
+        found = f"a {type(output).__name__} whose first element is {type(pred).__name__}"
+    else:
+        found = type(output).__name__
+    raise TypeError(
+        "the network must return the prediction as a tensor (B, K, *spatial), or a tuple/list whose first element "
+        f"is that tensor (deep supervision); it returned {found}. Wrap the network in a module whose forward "
+        "returns the prediction tensor (e.g. net(x)['out'])."
+    )
+
+
+def _compute_loss(
+    loss_function: LossFunction, pred: torch.Tensor, labels: torch.Tensor, stats: _LabelStats | None
+) -> torch.Tensor:
+    _check_labels_fit_prediction(pred, labels, stats)
     try:
         loss = loss_function(pred, labels)
     except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as err:
         name = getattr(loss_function, "__name__", type(loss_function).__name__)
         raise ValueError(
             f"loss_function {name} failed on a prediction of shape {tuple(pred.shape)} and a "
-            f"{_describe_label(labels)}: {err}"
+            f"{_describe_label(labels, stats)}: {err}"
         ) from err
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"loss_function must return a torch.Tensor, got {type(loss).__name__}.")
@@ -131,6 +205,68 @@ def _as_network_input(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
         if param.is_floating_point():
             return images if images.dtype == param.dtype else images.to(param.dtype)
     return images
+
+
+def _non_finite_parameters(network: nn.Module) -> list[str]:
+    """Names of the parameters holding NaN or Inf (for error messages only: it synchronises per parameter)."""
+    return [name for name, param in network.named_parameters() if not bool(torch.isfinite(param).all())]
+
+
+def _raise_non_finite(network: nn.Module, loss: torch.Tensor, loss_finite: bool) -> None:
+    if loss_finite:
+        raise NonFiniteLossError(
+            f"the gradient of the loss with respect to the input contains NaN or Inf values although the loss is "
+            f"finite ({loss.item():g}): the network or loss_function is not differentiable everywhere at these "
+            "inputs (e.g. sqrt or log at 0)."
+        )
+    bad = _non_finite_parameters(network)
+    cause = (
+        f"{len(bad)} network parameter(s) hold NaN or Inf values ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})"
+        ": training has diverged or the weights were loaded from a broken checkpoint"
+        if bad
+        else "the network's parameters are finite, so its output or the loss_function overflowed (e.g. float16 "
+        "under AMP, or log of 0)"
+    )
+    raise NonFiniteLossError(
+        f"the loss is {loss.item()} on this batch, so its gradient has no usable sign and the attack would return "
+        f"the images unchanged; {cause}."
+    )
+
+
+def _input_gradient(
+    network: nn.Module,
+    loss_function: LossFunction,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    amp: bool,
+    label_stats: _LabelStats | None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """:func:`input_gradient` plus whether the gradient is zero everywhere, with a single host-device
+    synchronisation for all the checks (two only when a scaled float16 gradient overflows)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = images.detach().clone().requires_grad_(True)
+        with torch.autocast(device_type=x.device.type, enabled=amp):
+            pred = _prediction(network(_as_network_input(network, x)))
+        loss = _compute_loss(loss_function, pred.float() if amp else pred, labels, label_stats)
+        if not loss.requires_grad:
+            raise ValueError(
+                "the loss does not depend on the input images (no autograd graph): check that the network "
+                "and loss_function are differentiable and that the network is not frozen under torch.no_grad."
+            )
+        # Under float16 autocast, small input gradients underflow to zero and lose their sign.
+        # The sign does not change with a positive scale, so scale the loss as GradScaler does,
+        # and fall back to no scaling if that overflows.
+        scale = _AMP_LOSS_SCALE if amp else 1.0
+        (grad,) = torch.autograd.grad(loss * scale if amp else loss, x, retain_graph=amp)
+        loss_finite, grad_finite, nonzero = torch.stack(
+            [torch.isfinite(loss).all(), torch.isfinite(grad).all(), grad.any()]
+        ).tolist()
+        if amp and loss_finite and not grad_finite:
+            (grad,) = torch.autograd.grad(loss, x)
+            grad_finite, nonzero = torch.stack([torch.isfinite(grad).all(), grad.any()]).tolist()
+    if not (loss_finite and grad_finite):
+        _raise_non_finite(network, loss.detach(), bool(loss_finite))
+    return grad.detach(), loss.detach(), not nonzero
 
 
 def input_gradient(
@@ -161,31 +297,13 @@ def input_gradient(
         mean loss.
 
     Raises:
+        TypeError: when the network returns neither a tensor nor a tuple/list starting with one.
         ValueError: when the loss function fails on these labels, or the loss does not depend on
             the input at all.
+        NonFiniteLossError: when the loss or the gradient is NaN or infinite (e.g. NaN weights).
     """
-    with torch.inference_mode(False), torch.enable_grad():
-        x = images.detach().clone().requires_grad_(True)
-        with torch.autocast(device_type=x.device.type, enabled=amp):
-            pred = network(_as_network_input(network, x))
-        if isinstance(pred, (tuple, list)):
-            pred = pred[0]
-        loss = _compute_loss(loss_function, pred.float() if amp else pred, labels)
-        if not loss.requires_grad:
-            raise ValueError(
-                "the loss does not depend on the input images (no autograd graph): check that the network "
-                "and loss_function are differentiable and that the network is not frozen under torch.no_grad."
-            )
-        if not amp:
-            (grad,) = torch.autograd.grad(loss, x)
-            return grad.detach(), loss.detach()
-        # Under float16 autocast, small input gradients underflow to zero and lose their sign.
-        # The sign does not change with a positive scale, so scale the loss as GradScaler does,
-        # and fall back to no scaling if that overflows.
-        (grad,) = torch.autograd.grad(loss * _AMP_LOSS_SCALE, x, retain_graph=True)
-        if not bool(torch.isfinite(grad).all()):
-            (grad,) = torch.autograd.grad(loss, x)
-    return grad.detach(), loss.detach()
+    gradient, loss, _ = _input_gradient(network, loss_function, images, labels, amp, _label_stats(labels))
+    return gradient, loss
 
 
 def signed_gradient_step(
@@ -199,11 +317,47 @@ def signed_gradient_step(
     Raises:
         ValueError: when ``direction`` is not ``"ascend"`` or ``"descend"``.
     """
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction must be 'ascend' (FGSM) or 'descend' (Inverse FGSM), got {direction!r}.")
+    sign = _direction_sign(direction)
     if isinstance(step_size, torch.Tensor):
         step_size = _per_sample(step_size.to(images), images.ndim)
-    return images + _DIRECTIONS[direction] * step_size * gradient.sign()
+    return images + sign * step_size * gradient.sign()
+
+
+def _bounds(
+    images: torch.Tensor,
+    clamp: ClampMode,
+    value_range: Sequence[float],
+    image_range: Callable[[], tuple[float, float]],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`clamp_bounds`, taking the batch's ``(min, max)`` from ``image_range`` only where it is needed."""
+    if clamp not in _CLAMP_MODES:
+        raise ValueError(f"clamp must be one of {_CLAMP_MODES}, got {clamp!r}.")
+    if clamp == "none":
+        return None
+    if clamp == "image":
+        flat = images.detach().flatten(1)
+        low, high = flat.min(dim=1).values, flat.max(dim=1).values
+        return _per_sample(low, images.ndim), _per_sample(high, images.ndim)
+    low_value, high_value = _value_range(value_range)
+    found_low, found_high = image_range()
+    tolerance = _RANGE_TOLERANCE * (high_value - low_value)
+    if found_low < low_value - tolerance or found_high > high_value + tolerance:
+        raise ValueError(
+            f"images have values in [{found_low:g}, {found_high:g}], outside value_range "
+            f"({low_value:g}, {high_value:g}); clamping would destroy them. Scale the images into the range, "
+            "set value_range to the data's range, or use clamp='image' (each image's own min/max) or clamp='none'."
+        )
+    # Filled on the device: torch.tensor(value, device=...) would be a host-to-device copy, which synchronises.
+    low = torch.full((), low_value, dtype=images.dtype, device=images.device)
+    high = torch.full((), high_value, dtype=images.dtype, device=images.device)
+    return low, high
+
+
+def _value_range(value_range: Sequence[float]) -> tuple[float, float]:
+    low_value, high_value = (float(v) for v in value_range)
+    if not (math.isfinite(low_value) and math.isfinite(high_value) and low_value < high_value):
+        raise ValueError(f"value_range must be finite (low, high) with low < high, got {tuple(value_range)}.")
+    return low_value, high_value
 
 
 def clamp_bounds(
@@ -223,28 +377,12 @@ def clamp_bounds(
     Raises:
         ValueError: for an unknown mode, a reversed range, or (``"range"``) images that lie outside it.
     """
-    if clamp not in _CLAMP_MODES:
-        raise ValueError(f"clamp must be one of {_CLAMP_MODES}, got {clamp!r}.")
-    if clamp == "none":
-        return None
-    if clamp == "image":
-        flat = images.detach().flatten(1)
-        low, high = flat.min(dim=1).values, flat.max(dim=1).values
-        return _per_sample(low, images.ndim), _per_sample(high, images.ndim)
-    low_value, high_value = (float(v) for v in value_range)
-    if not (math.isfinite(low_value) and math.isfinite(high_value) and low_value < high_value):
-        raise ValueError(f"value_range must be finite (low, high) with low < high, got {tuple(value_range)}.")
-    found_low, found_high = images.min().item(), images.max().item()
-    tolerance = _RANGE_TOLERANCE * (high_value - low_value)
-    if found_low < low_value - tolerance or found_high > high_value + tolerance:
-        raise ValueError(
-            f"images have values in [{found_low:g}, {found_high:g}], outside value_range "
-            f"({low_value:g}, {high_value:g}); clamping would destroy them. Scale the images into the range, "
-            "set value_range to the data's range, or use clamp='image' (each image's own min/max) or clamp='none'."
-        )
-    low = torch.tensor(low_value, dtype=images.dtype, device=images.device)
-    high = torch.tensor(high_value, dtype=images.dtype, device=images.device)
-    return low, high
+
+    def image_range() -> tuple[float, float]:
+        low, high = torch.aminmax(images.detach())
+        return tuple(torch.stack([low, high]).tolist())  # type: ignore[return-value]
+
+    return _bounds(images, clamp, value_range, image_range)
 
 
 def project_and_clamp(
@@ -270,23 +408,26 @@ def project_and_clamp(
     return out
 
 
-def _validate(
+def _validate_types_and_shapes(
     images: torch.Tensor, labels: torch.Tensor, epsilon: torch.Tensor, num_steps: int, step_size: float | None
 ) -> None:
+    """The checks that need no values from the device."""
     if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(
             f"images and labels must be torch.Tensor, got {type(images).__name__} and {type(labels).__name__}."
         )
     if images.ndim < 3:
         raise ValueError(f"images must be a batch (B, C, *spatial), got shape {tuple(images.shape)}.")
+    if images.shape[0] == 0 or images.numel() == 0:
+        raise ValueError(
+            f"images is an empty batch (shape {tuple(images.shape)}): there is nothing to perturb. Skip the call "
+            "when no sample is selected."
+        )
     if not images.is_floating_point():
         raise TypeError(
             f"images must be floating point, got dtype {images.dtype}: a perturbation of size epsilon would be "
             "rounded away. Convert first (e.g. EnsureType(dtype=torch.float32) and ScaleIntensity)."
         )
-    if not bool(torch.isfinite(images).all()):
-        bad = int((~torch.isfinite(images)).sum())
-        raise ValueError(f"images contain {bad} NaN or Inf value(s) (shape {tuple(images.shape)}).")
     spatial = images.shape[2:]
     if labels.shape[0] != images.shape[0] or tuple(labels.shape[-len(spatial) :]) != tuple(spatial):
         raise ValueError(
@@ -298,19 +439,56 @@ def _validate(
             f"labels must be (B, C, *spatial) or (B, *spatial) for images of shape {tuple(images.shape)}, "
             f"got shape {tuple(labels.shape)}."
         )
-    if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
-        raise ValueError(f"labels contain NaN or Inf values (shape {tuple(labels.shape)}).")
     if epsilon.shape != (images.shape[0],):
         raise ValueError(
             f"epsilon must be a number or one value per sample (shape ({images.shape[0]},)), "
             f"got shape {tuple(epsilon.shape)}."
         )
-    if not bool(torch.isfinite(epsilon).all()) or bool((epsilon < 0).any()):
-        raise ValueError(f"epsilon must be finite and non-negative, got {epsilon.tolist()}.")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
     if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
         raise ValueError(f"step_size must be a finite positive number or None, got {step_size!r}.")
+
+
+@dataclass(frozen=True)
+class _BatchStats:
+    image_low: float
+    image_high: float
+    epsilon_max: float
+    labels: _LabelStats | None
+
+
+def _batch_statistics(images: torch.Tensor, labels: torch.Tensor, epsilon: torch.Tensor) -> _BatchStats:
+    """Check the values of images, labels and epsilon, and gather what later checks need, in one synchronisation.
+
+    Raises:
+        ValueError: NaN or Inf in images or labels; NaN, Inf or negative epsilon.
+    """
+    check_labels = labels.dtype != torch.bool and labels.numel() > 0
+    image_low, image_high = torch.aminmax(images.detach())
+    parts = [
+        torch.isfinite(images).all(),
+        torch.isfinite(labels).all() if labels.is_floating_point() else images.new_ones((), dtype=torch.bool),
+        torch.isfinite(epsilon).all(),
+        (epsilon >= 0).all(),
+        image_low,
+        image_high,
+        epsilon.max(),
+    ]
+    values = torch.stack([p.to(device=images.device, dtype=torch.float32) for p in parts])
+    if check_labels:
+        values = torch.cat([values, _label_summary(labels).to(images.device)])
+    flags = values.tolist()
+    images_finite, labels_finite, epsilon_finite, epsilon_non_negative = (bool(f) for f in flags[:4])
+    if not images_finite:
+        bad = int((~torch.isfinite(images)).sum())
+        raise ValueError(f"images contain {bad} NaN or Inf value(s) (shape {tuple(images.shape)}).")
+    if not labels_finite:
+        raise ValueError(f"labels contain NaN or Inf values (shape {tuple(labels.shape)}).")
+    if not (epsilon_finite and epsilon_non_negative):
+        raise ValueError(f"epsilon must be finite and non-negative, got {epsilon.tolist()}.")
+    label_stats = _LabelStats(flags[7], flags[8], bool(flags[9])) if check_labels else None
+    return _BatchStats(flags[4], flags[5], flags[6], label_stats)
 
 
 def gradient_sign_attack(
@@ -329,7 +507,7 @@ def gradient_sign_attack(
     amp: bool = False,
     generator: torch.Generator | None = None,
     return_loss_after: bool = False,
-    on_zero_gradient: Literal["raise", "warn", "ignore"] = "raise",
+    on_zero_gradient: ZeroGradientAction = "raise",
 ) -> AttackResult:
     """Perturb a batch along the sign of the loss gradient (FGSM / Inverse FGSM and iterative forms).
 
@@ -344,11 +522,14 @@ def gradient_sign_attack(
     ``DistributedDataParallel`` wrapper is bypassed so that no gradient synchronisation happens.
 
     Args:
-        network: the segmentation network.
+        network: the segmentation network. It must return the prediction tensor, or a tuple/list
+            whose first element is the prediction (deep supervision); a dict is refused.
         loss_function: ``loss_function(pred, labels)``: any MONAI or torch loss.
-        images: ``(B, C, *spatial)`` floating-point batch on the network's device.
+        images: ``(B, C, *spatial)`` floating-point batch on the network's device, ``B >= 1``.
         labels: ``(B, C_l, *spatial)`` or ``(B, *spatial)`` labels.
-        epsilon: L-infinity bound: a number, or a ``(B,)`` tensor (one bound per sample).
+        epsilon: L-infinity bound: a number, or a ``(B,)`` tensor (one bound per sample). A bound
+            at least as wide as ``value_range`` (``clamp="range"``) gives a warning: it lets every
+            pixel jump to a bound, which is almost always an epsilon on the wrong scale.
         direction: ``"ascend"`` (FGSM, raise the loss) or ``"descend"`` (Inverse FGSM, lower it).
         num_steps: gradient steps; 1 is the fast single-step method.
         step_size: size of each step; default ``epsilon`` for one step, else ``2.5 * epsilon / num_steps``.
@@ -367,9 +548,12 @@ def gradient_sign_attack(
         An :class:`AttackResult`.
 
     Raises:
-        TypeError: non-tensor or non-floating-point images.
-        ValueError: bad epsilon, step settings, shapes, NaN/Inf values, labels that do not fit
-            the prediction or the loss, or images outside ``value_range``.
+        TypeError: non-tensor or non-floating-point images; a network output that is not a tensor
+            or a tuple/list starting with one.
+        ValueError: an empty batch, bad epsilon, step settings, shapes, NaN/Inf values, labels that
+            do not fit the prediction or the loss, or images outside ``value_range``.
+        NonFiniteLossError: when the loss or its input gradient is NaN or Inf at any step (e.g. NaN
+            weights after a diverged training), instead of silently returning the images unchanged.
         ZeroInputGradientError: when the input gradient is identically zero and
             ``on_zero_gradient="raise"``.
     """
@@ -380,18 +564,29 @@ def gradient_sign_attack(
             eps = eps.expand(batch_size)
     else:
         eps = torch.full((batch_size,), float(epsilon), dtype=torch.float64, device=getattr(images, "device", None))
-    _validate(images, labels, eps, num_steps, step_size)
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction must be 'ascend' (FGSM) or 'descend' (Inverse FGSM), got {direction!r}.")
+    _validate_types_and_shapes(images, labels, eps, num_steps, step_size)
+    _direction_sign(direction)
     if on_zero_gradient not in _ZERO_GRADIENT_ACTIONS:
         raise ValueError(f"on_zero_gradient must be one of {_ZERO_GRADIENT_ACTIONS}, got {on_zero_gradient!r}.")
 
     images = images.detach()
     labels = labels.detach()
-    bounds = clamp_bounds(images, clamp, value_range)
+    stats = _batch_statistics(images, labels, eps)
+    bounds = _bounds(images, clamp, value_range, lambda: (stats.image_low, stats.image_high))
+    if clamp == "range":
+        low_value, high_value = _value_range(value_range)
+        if stats.epsilon_max >= high_value - low_value:
+            warnings.warn(
+                f"epsilon {stats.epsilon_max:g} is at least the whole value range ({low_value:g}, {high_value:g}): "
+                "every pixel the gradient touches is pushed to a bound, which destroys the image. Give epsilon on "
+                "the images' scale (e.g. 8/255 = 0.031 for images in [0, 1]).",
+                stacklevel=2,
+            )
     eps = eps.to(images.dtype)
-    step = eps if step_size is None and num_steps == 1 else (
-        eps * (2.5 / num_steps) if step_size is None else torch.full_like(eps, step_size)
+    step = (
+        eps
+        if step_size is None and num_steps == 1
+        else (eps * (2.5 / num_steps) if step_size is None else torch.full_like(eps, step_size))
     )
     module = unwrap_network(network)
 
@@ -399,38 +594,39 @@ def gradient_sign_attack(
         adversarial = images
         if random_start:
             noise = torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-            adversarial = project_and_clamp(images + (2 * noise - 1) * _per_sample(eps, images.ndim), images, eps, bounds)
-        loss_before: torch.Tensor | None = None
+            adversarial = project_and_clamp(
+                images + (2 * noise - 1) * _per_sample(eps, images.ndim), images, eps, bounds
+            )
+        gradient, loss_before, zero_gradient = _input_gradient(
+            module, loss_function, adversarial, labels, amp, stats.labels
+        )
+        if zero_gradient and on_zero_gradient != "ignore":
+            message = (
+                "the gradient of the loss with respect to the input is zero everywhere, so the "
+                "perturbation would return the images unchanged. A common cause is softmax over a single "
+                "output channel (e.g. DiceCELoss(softmax=True) or CrossEntropy with out_channels=1): use "
+                "two or more output channels, or sigmoid=True for a one-channel head."
+            )
+            if on_zero_gradient == "raise":
+                raise ZeroInputGradientError(message)
+            warnings.warn(message, stacklevel=2)
         for index in range(num_steps):
-            gradient, loss = input_gradient(module, loss_function, adversarial, labels, amp=amp)
-            if index == 0:
-                loss_before = loss
-                if on_zero_gradient != "ignore" and not bool(gradient.any()):
-                    message = (
-                        "the gradient of the loss with respect to the input is zero everywhere, so the "
-                        "perturbation would return the images unchanged. A common cause is softmax over a single "
-                        "output channel (e.g. DiceCELoss(softmax=True) or CrossEntropy with out_channels=1): use "
-                        "two or more output channels, or sigmoid=True for a one-channel head."
-                    )
-                    if on_zero_gradient == "raise":
-                        raise ZeroInputGradientError(message)
-                    warnings.warn(message, stacklevel=2)
+            if index > 0:
+                gradient, _, _ = _input_gradient(module, loss_function, adversarial, labels, amp, None)
             adversarial = signed_gradient_step(adversarial, gradient, step, direction)
             adversarial = project_and_clamp(adversarial, images, eps, bounds)
-        if random_start and loss_before is not None:
+        if random_start:
             # The first gradient pass ran at the random start, not at the clean images.
             loss_before = _forward_loss(module, loss_function, images, labels, amp)
         loss_after = _forward_loss(module, loss_function, adversarial, labels, amp) if return_loss_after else None
-    assert loss_before is not None
     return AttackResult(images=adversarial.detach(), epsilon=eps, loss_before=loss_before, loss_after=loss_after)
 
 
 def _forward_loss(
     network: nn.Module, loss_function: LossFunction, images: torch.Tensor, labels: torch.Tensor, amp: bool
 ) -> torch.Tensor:
+    """Mean loss without gradients; the labels were checked by the gradient pass before it."""
     with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=amp):
-        pred = network(_as_network_input(network, images))
-    if isinstance(pred, (tuple, list)):
-        pred = pred[0]
+        pred = _prediction(network(_as_network_input(network, images)))
     with torch.no_grad():
-        return _compute_loss(loss_function, pred.float() if amp else pred, labels).detach()
+        return _compute_loss(loss_function, pred.float() if amp else pred, labels, None).detach()

@@ -11,6 +11,7 @@ from torch import nn
 
 __all__ = ["NetworkMode", "preserved_network_state", "unwrap_network"]
 
+#: The mode a network is put in while attacked: ``"eval"``, ``"train"`` or ``"unchanged"``.
 NetworkMode = Literal["eval", "train", "unchanged"]
 _NETWORK_MODES = ("eval", "train", "unchanged")
 

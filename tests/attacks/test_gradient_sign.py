@@ -13,6 +13,7 @@ from torch import nn
 
 from monai_adv.attacks import (
     AttackResult,
+    NonFiniteLossError,
     ZeroInputGradientError,
     clamp_bounds,
     gradient_sign_attack,
@@ -223,8 +224,17 @@ def test_iterative_with_random_start_stays_in_ball(make_tiny_net, make_square_da
     for num_steps, step_size in ((3, None), (7, 0.02), (4, 1.0)):
         gen = torch.Generator().manual_seed(num_steps)
         result = gradient_sign_attack(
-            net, loss_fn, images, mask, eps, direction=direction, num_steps=num_steps, step_size=step_size,
-            random_start=True, generator=gen, clamp=clamp,
+            net,
+            loss_fn,
+            images,
+            mask,
+            eps,
+            direction=direction,
+            num_steps=num_steps,
+            step_size=step_size,
+            random_start=True,
+            generator=gen,
+            clamp=clamp,
         )
         delta = result.images - images
         assert delta.abs().max().item() <= eps + TOL32
@@ -240,7 +250,14 @@ def test_random_start_reproducible_with_generator_and_loss_before_is_clean(make_
 
     def run(seed):
         return gradient_sign_attack(
-            net, loss_fn, images, mask, 0.05, num_steps=2, random_start=True, generator=torch.Generator().manual_seed(seed)
+            net,
+            loss_fn,
+            images,
+            mask,
+            0.05,
+            num_steps=2,
+            random_start=True,
+            generator=torch.Generator().manual_seed(seed),
         )
 
     a, b, c = run(1), run(1), run(2)
@@ -285,8 +302,7 @@ def test_clamp_image_keeps_each_image_within_its_own_range(make_tiny_net):
             assert result.images[b].max() <= images[b].max()
         unclamped = gradient_sign_attack(net, loss_fn, images, mask, 10.0, direction=direction, clamp="none")
         assert any(
-            unclamped.images[b].min() < images[b].min() or unclamped.images[b].max() > images[b].max()
-            for b in range(2)
+            unclamped.images[b].min() < images[b].min() or unclamped.images[b].max() > images[b].max() for b in range(2)
         )
     # A fixed [0, 1] range would destroy HU data: refuse it loudly.
     with pytest.raises(ValueError, match="value_range"):
@@ -465,7 +481,7 @@ def test_loss_function_failure_is_reported(setup):
 def test_zero_input_gradient(make_tiny_net, make_square_data):
     # softmax over a single channel is constant: the input gradient is identically zero
     net = make_tiny_net(out_channels=1, seed=17).eval()
-    images, mask = make_square_data(seed=17)
+    images, _ = make_square_data(seed=17)
     labels = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.long)
     loss_fn = nn.CrossEntropyLoss()
     with pytest.raises(ZeroInputGradientError, match="zero") as info:
@@ -493,3 +509,117 @@ def test_amp_on_cpu_moves_pixels_by_epsilon(make_square_data):
     assert delta.max() <= 0.05 + 1e-6
     assert (delta > 0.05 - 1e-6).float().mean() > 0.99
     assert result.loss_before.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. failure cases that used to pass silently (issue 8, items 9 and 12)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_nan_weights_raise_naming_the_parameter(setup, amp):
+    # sign(NaN) is 0: without the check the attack returned the clean images unchanged.
+    net, loss_fn, images, mask = setup
+    with torch.no_grad():
+        net[2].bias[0] = math.nan
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan.*2\.bias") as info:
+        gradient_sign_attack(net, loss_fn, images, mask, 0.1, amp=amp, on_zero_gradient="ignore")
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(NonFiniteLossError, match="loss is nan"):
+        input_gradient(net, loss_fn, images, mask)
+
+
+def test_nan_loss_with_finite_weights_raises(setup):
+    net, _, images, mask = setup
+
+    def nan_loss(pred, label):
+        return (pred * math.nan).mean()
+
+    with pytest.raises(NonFiniteLossError, match="parameters are finite"):
+        gradient_sign_attack(net, nan_loss, images, mask, 0.1, num_steps=3)
+
+
+def test_non_finite_gradient_of_a_finite_loss_raises(make_square_data):
+    # d sqrt(x) / dx is infinite at x = 0, while sqrt(0) = 0 keeps the loss finite.
+    class Sqrt(nn.Module):
+        def forward(self, x):
+            return torch.cat([x.sqrt(), -x.sqrt()], dim=1)
+
+    images, mask = make_square_data(seed=18)
+    images = images.clone()
+    images[0, 0, 0, 0] = 0.0
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    with pytest.raises(NonFiniteLossError, match="gradient .* NaN or Inf .* although the loss is finite"):
+        gradient_sign_attack(Sqrt(), loss_fn, images, mask, 0.1)
+
+
+@pytest.mark.parametrize("eps,value_range", [(1.0, (0.0, 1.0)), (8.0, (0.0, 1.0)), (300.0, (0.0, 255.0))])
+def test_epsilon_as_wide_as_the_value_range_warns(setup, eps, value_range):
+    net, loss_fn, images, mask = setup
+    scale = value_range[1]
+    with pytest.warns(UserWarning, match="at least the whole value range"):
+        gradient_sign_attack(net, loss_fn, images * scale, mask, eps, value_range=value_range)
+
+
+def test_epsilon_within_range_or_unclamped_does_not_warn(setup):
+    net, loss_fn, images, mask = setup
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradient_sign_attack(net, loss_fn, images, mask, torch.tensor([0.0, 0.99]))
+        gradient_sign_attack(net, loss_fn, images, mask, 5.0, clamp="none")
+
+
+def test_empty_batch_is_refused_clearly(setup):
+    net, loss_fn, images, mask = setup
+    with pytest.raises(ValueError, match=r"empty batch \(shape \(0, 1, 16, 16\)\)"):
+        gradient_sign_attack(net, loss_fn, images[:0], mask[:0], 0.1)
+
+
+class DictOutput(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return {"out": self.net(x), "aux": self.net(x)}
+
+
+def test_network_returning_a_dict_is_refused_naming_its_keys(setup):
+    net, loss_fn, images, mask = setup
+    with pytest.raises(TypeError, match=r"dict with keys \['aux', 'out'\]"):
+        gradient_sign_attack(DictOutput(net), loss_fn, images, mask, 0.1)
+    with pytest.raises(TypeError, match="dict"):
+        input_gradient(DictOutput(net), loss_fn, images, mask)
+
+
+def test_network_returning_a_tuple_of_non_tensors_is_refused(setup):
+    net, loss_fn, images, mask = setup
+
+    class Odd(nn.Module):
+        def forward(self, x):
+            return ("pred", net(x))
+
+    with pytest.raises(TypeError, match="tuple whose first element is str"):
+        gradient_sign_attack(Odd(), loss_fn, images, mask, 0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_steps", [1, 3])
+def test_one_synchronisation_for_the_checks_and_one_per_gradient_pass_on_cuda(
+    make_tiny_net, make_square_data, num_steps
+):
+    net = make_tiny_net(seed=19).cuda().eval()
+    images, mask = (t.cuda() for t in make_square_data(seed=19))
+    labels = mask[:, 0].long()
+    loss_fn = nn.CrossEntropyLoss()
+    gradient_sign_attack(net, loss_fn, images, labels, 0.1, num_steps=num_steps)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gradient_sign_attack(net, loss_fn, images, labels, 0.1, num_steps=num_steps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1 + num_steps, syncs

@@ -75,8 +75,15 @@ def test_attack_leaves_network_state_untouched(make_tiny_net, data, network_mode
     handle = net[1].register_forward_pre_hook(lambda module, args: seen_modes.append(module.training))
     try:
         result = gradient_sign_attack(
-            net, DiceCELoss(to_onehot_y=True, softmax=True), images, mask, 0.1,
-            network_mode=network_mode, num_steps=num_steps, random_start=random_start, return_loss_after=True,
+            net,
+            DiceCELoss(to_onehot_y=True, softmax=True),
+            images,
+            mask,
+            0.1,
+            network_mode=network_mode,
+            num_steps=num_steps,
+            random_start=random_start,
+            return_loss_after=True,
         )
     finally:
         handle.remove()
@@ -100,7 +107,9 @@ def test_attack_runs_in_requested_mode(make_tiny_net, data, network_mode):
     expected = torch.clamp(images + 0.1 * grad.sign(), 0, 1)
     result = gradient_sign_attack(net, loss_fn, images, mask, 0.1, network_mode=network_mode)
     assert torch.equal(result.images, expected)
-    other = gradient_sign_attack(net, loss_fn, images, mask, 0.1, network_mode="eval" if network_mode == "train" else "train")
+    other = gradient_sign_attack(
+        net, loss_fn, images, mask, 0.1, network_mode="eval" if network_mode == "train" else "train"
+    )
     assert not torch.equal(other.images, expected)
     assert net.training
 
@@ -144,23 +153,21 @@ def test_state_restored_after_exception_in_network(make_tiny_net, data):
 def test_preserved_network_state_context_manager(make_tiny_net):
     net = make_bn_net(make_tiny_net)
     before = snapshot(net)
-    with pytest.raises(KeyError):
-        with preserved_network_state(net, "train") as inner:
-            assert inner is net
-            assert all(m.training for m in net.modules())
-            net(torch.rand(2, 1, 16, 16))  # updates BN statistics
-            for p in net.parameters():
-                p.requires_grad_(True)
-            raise KeyError("inside")
+    with pytest.raises(KeyError), preserved_network_state(net, "train") as inner:
+        assert inner is net
+        assert all(m.training for m in net.modules())
+        net(torch.rand(2, 1, 16, 16))  # updates BN statistics
+        for p in net.parameters():
+            p.requires_grad_(True)
+        raise KeyError("inside")
     assert_same_state(net, before)
     with preserved_network_state(net, "eval"):
         assert not any(m.training for m in net.modules())
     with preserved_network_state(net, "unchanged"):
         assert {n: m.training for n, m in net.named_modules()} == before["training"]
     assert_same_state(net, before)
-    with pytest.raises(ValueError, match="network_mode"):
-        with preserved_network_state(net, "test"):  # type: ignore[arg-type]
-            pass
+    with pytest.raises(ValueError, match="network_mode"), preserved_network_state(net, "test"):  # type: ignore[arg-type]
+        pass
 
 
 def test_no_autograd_graph_kept_alive(make_tiny_net, data):
@@ -209,8 +216,9 @@ def test_attack_through_distributed_data_parallel(make_tiny_net, make_square_dat
             result = gradient_sign_attack(ddp, loss_fn, images, mask, 0.1, network_mode="train")
             assert_same_state(net, before)
             # the attack through DDP equals the attack on the bare module
-            assert torch.equal(result.images, gradient_sign_attack(reference, loss_fn, images, mask, 0.1,
-                                                                   network_mode="train").images)
+            assert torch.equal(
+                result.images, gradient_sign_attack(reference, loss_fn, images, mask, 0.1, network_mode="train").images
+            )
             # an ordinary training step through DDP still works, and matches the bare module's step
             for model, opt in ((ddp, optimiser), (reference, ref_optimiser)):
                 opt.zero_grad()

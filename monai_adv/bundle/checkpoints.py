@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -173,13 +172,7 @@ def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint_epoc
     for path in found:
         try:
             torch.load(path, map_location="cpu", weights_only=True)
-        except (
-            RuntimeError,
-            EOFError,
-            OSError,
-            ValueError,
-            pickle.UnpicklingError,
-        ) as err:  # truncated, empty, not one
+        except Exception as err:  # noqa: BLE001 - whatever fails to load (truncated, empty, junk) cannot be resumed
             warnings.warn(
                 f"skipping unreadable checkpoint {path} ({type(err).__name__}: {err}); trying an earlier one."
             )

@@ -194,12 +194,13 @@ def bundle() -> BundleTools:
 
 @pytest.fixture(scope="session")
 def trained_bundle(tmp_path_factory) -> BundleRun:
-    """A bundle root trained for 2 tiny epochs with FGSM and ``--tracking mlflow`` (sqlite store in eval/).
+    """A bundle root trained for 2 tiny epochs with FGSM (``adv#track_loss`` on) and ``--tracking mlflow``
+    (sqlite store in eval/).
 
     Shared: tests that write into a bundle root copy it first (:func:`copy_bundle_outputs`).
     """
     root = tmp_path_factory.mktemp("trained_bundle")
-    return train_bundle(root, {"adv#method": "fgsm"}, tracking="mlflow")
+    return train_bundle(root, {"adv#method": "fgsm", "adv#track_loss": "true"}, tracking="mlflow")
 
 
 @pytest.fixture

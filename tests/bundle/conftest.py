@@ -91,7 +91,7 @@ def run_bundle(
     command = [sys.executable, "-m", "monai.bundle", *(str(a) for a in args)]
     try:
         result = subprocess.run(
-            command, cwd=REPO_ROOT, env=bundle_env(env), capture_output=True, text=True, timeout=timeout
+            command, cwd=REPO_ROOT, env=bundle_env(env), capture_output=True, text=True, timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired as err:
         output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")

@@ -185,7 +185,11 @@ def test_evaluate_overlay_writes_metrics_of_the_best_model(bundle, trained_bundl
         raw = list(csv.DictReader(f))
     assert len(raw) == 8 and all(Path(r["filename"]).parent == root / "data" / "synthetic_2d" / "images" for r in raw)
     assert np.mean([float(r["mean"]) for r in raw]) == pytest.approx(rows["val_mean_iou"], abs=1e-4)
-    assert sorted(p.name for p in (root / "models").iterdir()) == ["checkpoint_epoch=2.pt", "model.pt", "training_run.json"]
+    assert sorted(p.name for p in (root / "models").iterdir()) == [
+        "checkpoint_epoch=2.pt",
+        "model.pt",
+        "training_run.json",
+    ]
 
 
 def test_evaluate_without_checkpoint_is_explained(bundle, tmp_path, restore_determinism):
@@ -198,7 +202,8 @@ def test_evaluate_without_checkpoint_is_explained(bundle, tmp_path, restore_dete
     with pytest.raises(Exception) as info:
         workflow.initialize()
     assert any(
-        isinstance(e, FileNotFoundError) and "checkpoint to evaluate (ckpt_path)" in str(e)
+        isinstance(e, FileNotFoundError)
+        and "checkpoint to evaluate (ckpt_path)" in str(e)
         and str(tmp_path / "models" / "model.pt") in str(e)
         for e in error_chain(info.value)
     ), error_chain(info.value)

@@ -29,7 +29,7 @@ def test_two_process_ddp_training_with_fgsm(tmp_path: Path) -> None:
         "--max_epochs", "2", "--batch_size", "2", "--adv#method", "both",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     # Rank 0 alone logs and saves; both ranks train on batches of 2 + 2 (FGSM) + 2 (InvFGSM).

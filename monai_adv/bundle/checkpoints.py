@@ -101,6 +101,7 @@ class AtomicCheckpointSaver:
         self.key_metric_name = key_metric_name
         self.key_metric_sign = -1.0 if key_metric_negative_sign else 1.0
         self.logger = logging.getLogger(name) if name else None
+        self.best_epoch = -1  # epoch of the best model saved so far (key-metric mode)
         if self.save_key_metric:
             score_function, score_name, n_saved = self._key_metric_score, "key_metric", 1
             handler = KeepPreviousDiskSaver(save_dir, filename=key_metric_filename)
@@ -130,6 +131,7 @@ class AtomicCheckpointSaver:
         if self.logger is None:
             self.logger = engine.logger
         if self.save_key_metric:
+            engine.add_event_handler(Events.STARTED, self._restore_best)
             event = Events.EPOCH_COMPLETED
         elif self.epoch_level:
             event = Events.EPOCH_COMPLETED(every=self.save_interval)
@@ -138,18 +140,36 @@ class AtomicCheckpointSaver:
         engine.add_event_handler(event, self)
 
     def __call__(self, engine: Engine) -> None:
+        saved_before = self.checkpoint.state_dict()
         self.checkpoint(engine)
-        if not self.save_key_metric:
+        if self.save_key_metric:
+            if self.checkpoint.state_dict() != saved_before:
+                self.best_epoch = engine.state.epoch
+        else:
             self.logger.info(f"Saved checkpoint at {self.checkpoint.score_name}: {self._step_score(engine)}")
+
+    def _restore_best(self, engine: Engine) -> None:
+        """A MONAI workflow that has not compared a metric yet learns the resumed best (for its "best" log lines)."""
+        saved = self.checkpoint.state_dict()
+        items = next(iter(saved.values()), [])
+        if items and getattr(engine.state, "best_metric_epoch", None) == -1:
+            engine.state.best_metric = self.key_metric_sign * float(max(p for p, _ in items))
+            engine.state.best_metric_epoch = self.best_epoch
 
     def state_dict(self) -> dict[str, Any]:
         """Ignite's record of the scores and file names saved so far, as plain floats and strings (so that
-        ``torch.load(weights_only=True)`` reads it back)."""
-        return {key: [(float(p), str(f)) for p, f in items] for key, items in self.checkpoint.state_dict().items()}
+        ``torch.load(weights_only=True)`` reads it back), and the epoch of the best model."""
+        state: dict[str, Any] = {
+            key: [(float(p), str(f)) for p, f in items] for key, items in self.checkpoint.state_dict().items()
+        }
+        state["best_epoch"] = int(self.best_epoch)
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Resume the record of saved scores (see :meth:`state_dict`)."""
-        self.checkpoint.load_state_dict({key: [tuple(item) for item in items] for key, items in state_dict.items()})
+        state = dict(state_dict)
+        self.best_epoch = int(state.pop("best_epoch", -1))
+        self.checkpoint.load_state_dict({key: [tuple(item) for item in items] for key, items in state.items()})
 
 
 def _epoch_of(path: Path) -> int:

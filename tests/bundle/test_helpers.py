@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 from monai_adv.bundle import (
@@ -76,6 +76,12 @@ def test_best_model_saver_keeps_its_best_score_across_a_resume(tmp_path):
     resumed = AtomicCheckpointSaver(tmp_path, {"model": torch.nn.Linear(2, 2)}, save_key_metric=True,
                                     key_metric_name="iou", key_metric_filename="model.pt")  # fmt: skip
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True)["saver"])
+    validator = Engine(lambda e, b: None)
+    validator.state.best_metric, validator.state.best_metric_epoch = -1, -1  # as a fresh MONAI workflow has them
+    resumed.attach(validator)
+    validator.fire_event(Events.STARTED)
+    assert (validator.state.best_metric, validator.state.best_metric_epoch) == (pytest.approx(0.5), 1)
+    engine.state.epoch = 2
     engine.state.metrics = {"iou": 0.3}
     resumed(engine)
     assert (tmp_path / "model.pt").read_bytes() == saved, "a worse model replaced the best one"

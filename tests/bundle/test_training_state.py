@@ -146,6 +146,7 @@ def test_resume_continues_the_latest_training_and_keeps_its_best_model(bundle, t
     assert restored and str(models / "checkpoint_epoch=1.pt") in restored[0], resumed.describe()
     assert "Epoch[2] Metrics" in resumed.output and "Epoch: 1/2" not in resumed.output
     assert (models / "model.pt").read_bytes() == best_model, "the first validation after resume replaced model.pt"
+    assert "Got new best metric of val_mean_iou" not in resumed.output, "the validator forgot the best score"
     saved = torch.load(models / "checkpoint_epoch=2.pt", weights_only=True)
     assert saved["best_model_saver"]["_saved"][0][0] == pytest.approx(0.999)
     assert json.loads((models / "training_run.json").read_text())["run_id"] == run_b

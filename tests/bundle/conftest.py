@@ -91,7 +91,7 @@ def run_bundle(
     command = [sys.executable, "-m", "monai.bundle", *(str(a) for a in args)]
     try:
         result = subprocess.run(
-            command, cwd=REPO_ROOT, env=bundle_env(env), capture_output=True, text=True, timeout=timeout
+            command, cwd=REPO_ROOT, env=bundle_env(env), capture_output=True, text=True, timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired as err:
         output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
@@ -194,12 +194,13 @@ def bundle() -> BundleTools:
 
 @pytest.fixture(scope="session")
 def trained_bundle(tmp_path_factory) -> BundleRun:
-    """A bundle root trained for 2 tiny epochs with FGSM and ``--tracking mlflow`` (sqlite store in eval/).
+    """A bundle root trained for 2 tiny epochs with FGSM (``adv#track_loss`` on) and ``--tracking mlflow``
+    (sqlite store in eval/).
 
     Shared: tests that write into a bundle root copy it first (:func:`copy_bundle_outputs`).
     """
     root = tmp_path_factory.mktemp("trained_bundle")
-    return train_bundle(root, {"adv#method": "fgsm"}, tracking="mlflow")
+    return train_bundle(root, {"adv#method": "fgsm", "adv#track_loss": "true"}, tracking="mlflow")
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 import torch
+from PIL import Image
 
 SCHEMA_NAME = "meta_schema_20240725.json"
 
@@ -29,6 +29,21 @@ def test_metadata_names_the_schema_it_is_checked_against(bundle):
     network_format = metadata["network_data_format"]
     assert network_format["inputs"]["image"]["num_channels"] == 3
     assert network_format["outputs"]["pred"]["num_channels"] == 2
+
+
+def test_metadata_cites_its_sources_and_logs_each_version(bundle):
+    import monai_adv
+
+    metadata = json.loads(bundle.metadata_json.read_text())
+    assert metadata["version"] in metadata["changelog"], "the current version needs a changelog entry"
+    assert metadata["required_packages_version"]["monai-adv"] == monai_adv.__version__
+    assert "pip install -e ." in metadata["description"], "say how the bundle finds monai-adv"
+    references = " ".join(metadata["references"])
+    assert "arXiv:2105.12106" in references and "Kvasir-SEG" in references
+    data_license = (bundle.bundle_dir / "docs" / "data_license.txt").read_text()
+    assert "doi:10.1007/978-3-030-37734-2_37" in data_license and "synthetic" in data_license
+    readme = (bundle.bundle_dir / "docs" / "README.md").read_text()
+    assert "arXiv:2105.12106" in readme and "data_license.txt" in readme
 
 
 @pytest.mark.slow

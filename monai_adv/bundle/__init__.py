@@ -1,0 +1,21 @@
+"""Helpers the bundle configs call (``bundles/adversarial_unet_segmentation/configs/*.json``).
+
+Not part of the augmentation library: they keep one bundle root's training state safe.
+
+- :mod:`monai_adv.bundle.checkpoints`: atomic checkpoint writing, finding a readable checkpoint to resume
+  from, checking input files.
+- :mod:`monai_adv.bundle.training_run`: the identity of a training (one MLflow run each), the lock that keeps
+  two trainings out of one bundle root, and the adversarial parameters handed to MLflow.
+"""
+
+from monai_adv.bundle.checkpoints import AtomicCheckpointSaver, KeepPreviousDiskSaver, latest_checkpoint, require_file
+from monai_adv.bundle.training_run import TrainingRun, prepare_mlflow_handlers
+
+__all__ = [
+    "AtomicCheckpointSaver",
+    "KeepPreviousDiskSaver",
+    "TrainingRun",
+    "latest_checkpoint",
+    "prepare_mlflow_handlers",
+    "require_file",
+]

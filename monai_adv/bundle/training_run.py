@@ -1,0 +1,229 @@
+"""One training in one bundle root: its identity, its lock, and what MLflow is told about it.
+
+A fresh training gets a new identity (``run_<time>_<random>``), used as its MLflow run name, and moves the files
+of the previous training (``checkpoint_epoch=*.pt``, ``model.pt``, its record) to ``previous_runs/<identity>/``
+so that ``resume=true`` can only pick up the latest training. ``resume=true`` keeps the identity recorded in
+``training_run.json``, so MLflow continues the same run. A lock file keeps a second training out of the root
+while one runs; the lock of a process that no longer runs is taken over with a warning.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+import warnings
+from collections.abc import Iterable, Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from monai.utils import str2bool
+
+from monai_adv.bundle.checkpoints import latest_checkpoint
+
+__all__ = ["TrainingRun", "prepare_mlflow_handlers"]
+
+RECORD_NAME = "training_run.json"
+LOCK_NAME = "training.lock"
+ARCHIVE_DIR = "previous_runs"
+CHECKPOINT_PATTERN = "checkpoint_epoch=*.pt"
+BEST_MODEL_NAME = "model.pt"
+# a lock file still empty this long after it was created belongs to a process killed while writing it
+UNWRITTEN_LOCK_GRACE_S = 30.0
+
+logger = logging.getLogger(__name__)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class TrainingRun:
+    """The identity and resume point of a training in ``ckpt_dir``; a checkpointable object.
+
+    Args:
+        ckpt_dir: the bundle's checkpoint folder (``models/``).
+        resume: continue the latest training of this folder (``--resume true`` arrives as a string).
+
+    Raises:
+        ValueError: when ``resume`` is not a boolean or one of MONAI's true/false words.
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike, resume: bool | str = False) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        try:
+            self.resume = str2bool(str(resume).strip() if not isinstance(resume, bool) else resume)
+        except ValueError as err:  # MONAI's message does not name the setting
+            raise ValueError(f"resume must be true or false, got {resume!r}.") from err
+        record = _read_json(self.ckpt_dir / RECORD_NAME) if self.resume else None
+        if record and record.get("run_id"):
+            self.run_id = str(record["run_id"])
+            self.started = str(record.get("started", ""))
+        else:
+            self.run_id = f"run_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
+            self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.lock_path = self.ckpt_dir / LOCK_NAME
+        self._holds_lock = False
+
+    @property
+    def run_name(self) -> str:
+        """The MLflow run name of this training (its identity)."""
+        return self.run_id
+
+    @cached_property
+    def checkpoint(self) -> str | None:
+        """The checkpoint to resume from: the latest readable ``checkpoint_epoch=N.pt``; None when not resuming.
+
+        Raises:
+            FileNotFoundError: when resuming and there is no readable checkpoint.
+        """
+        return latest_checkpoint(self.ckpt_dir, CHECKPOINT_PATTERN) if self.resume else None
+
+    def start(self) -> None:
+        """Take the lock, put a previous training's files aside (fresh trainings), record this training.
+
+        Raises:
+            FileNotFoundError: when resuming and there is no readable checkpoint.
+            RuntimeError: when another training holds the lock of ``ckpt_dir``.
+        """
+        _ = self.checkpoint  # fail before touching anything
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        if not self.resume:
+            self._archive_previous()
+        record = {"run_id": self.run_id, "started": self.started, "resumed": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if not self.resume:
+            record.pop("resumed")
+        (self.ckpt_dir / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        logger.info(
+            f"training {self.run_id} in {self.ckpt_dir}" + (f", resuming from {self.checkpoint}" if self.resume else "")
+        )
+
+    def finish(self) -> None:
+        """Release the lock (also done at exit)."""
+        if not self._holds_lock:
+            return
+        holder = _read_json(self.lock_path)
+        if holder and holder.get("pid") == os.getpid() and holder.get("run_id") == self.run_id:
+            self.lock_path.unlink(missing_ok=True)
+        self._holds_lock = False
+
+    def _acquire_lock(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id, "started": self.started}
+        for _ in range(3):
+            try:
+                descriptor = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_json(self.lock_path)
+                if self._lock_is_held(holder):
+                    raise RuntimeError(
+                        f"another training is running in {self.ckpt_dir} (pid {holder.get('pid') if holder else '?'} "
+                        f"on {holder.get('host') if holder else '?'}, run {holder.get('run_id') if holder else '?'}): "
+                        "wait for it to end or train in another --bundle_root. If no training runs there, delete "
+                        f"{self.lock_path}."
+                    ) from None
+                warnings.warn(
+                    f"taking over the stale lock {self.lock_path} of a training that no longer runs ({holder})."
+                )
+                self.lock_path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(descriptor, "w") as lock_file:
+                json.dump(me, lock_file)
+            self._holds_lock = True
+            atexit.register(self.finish)
+            return
+        raise RuntimeError(f"could not take the lock {self.lock_path}: other processes keep creating it.")
+
+    def _lock_is_held(self, holder: dict[str, Any] | None) -> bool:
+        if holder is None:  # being written right now, or left empty by a kill
+            try:
+                age = time.time() - self.lock_path.stat().st_mtime
+            except FileNotFoundError:
+                return False
+            return age < UNWRITTEN_LOCK_GRACE_S
+        if holder.get("host") != socket.gethostname():
+            return True  # cannot tell whether a process on another machine runs
+        pid = int(holder.get("pid", -1))
+        return pid != os.getpid() and _process_alive(pid)
+
+    def _archive_previous(self) -> None:
+        files = sorted(self.ckpt_dir.glob(CHECKPOINT_PATTERN))
+        files += [self.ckpt_dir / name for name in (BEST_MODEL_NAME, RECORD_NAME) if (self.ckpt_dir / name).is_file()]
+        if not files:
+            return
+        previous = _read_json(self.ckpt_dir / RECORD_NAME) or {}
+        name = str(previous.get("run_id") or time.strftime("run_before_%Y%m%d_%H%M%S"))
+        destination = self.ckpt_dir / ARCHIVE_DIR / name
+        while destination.exists():
+            destination = destination.with_name(destination.name + "_")
+        destination.mkdir(parents=True)
+        for path in files:
+            shutil.move(str(path), destination / path.name)
+        warnings.warn(
+            f"a fresh training (resume=false) moved the previous training's {[p.name for p in files]} to {destination}."
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The identity, saved with the trainer's checkpoint."""
+        return {"run_id": self.run_id, "started": self.started}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Check that a resumed checkpoint belongs to this training (warn if not) and take on its identity."""
+        run_id = str(state_dict.get("run_id", ""))
+        if run_id and run_id != self.run_id:
+            warnings.warn(f"checkpoint of training {run_id} resumed as training {self.run_id} (see {RECORD_NAME}).")
+
+
+def prepare_mlflow_handlers(
+    handlers: Iterable[Any], params: Mapping[str, Any] | None = None, resume: bool = False
+) -> list[Any]:
+    """Give ``params`` to MONAI's MLFlowHandlers in ``handlers`` and, when resuming, reopen their finished run.
+
+    ``--tracking mlflow`` appends an ``MLFlowHandler`` to ``train#handlers``; it logs ``experiment_param`` when
+    its run starts. MONAI's handler never writes into a FINISHED run: when resuming a training that had
+    completed, the run of that name is set back to RUNNING, so the resumed epochs join it.
+
+    Args:
+        handlers: the trainer's handlers (others than MLFlowHandler are ignored).
+        params: flat parameters to log, e.g. ``AdversarialAugmentationHandler.params``.
+        resume: whether this training resumes an earlier one.
+
+    Returns:
+        The MLFlowHandlers found.
+    """
+    from monai.handlers import MLFlowHandler
+
+    found = [h for h in handlers if isinstance(h, MLFlowHandler)]
+    for handler in found:
+        if params:
+            handler.experiment_param = {**(handler.experiment_param or {}), **{k: str(v) for k, v in params.items()}}
+        if resume and handler.run_name:
+            experiment = handler.client.get_experiment_by_name(handler.experiment_name)
+            if experiment is None:
+                continue
+            runs = handler.client.search_runs(
+                [experiment.experiment_id], filter_string=f"tags.mlflow.runName = '{handler.run_name}'"
+            )
+            if runs and all(run.info.status == "FINISHED" for run in runs):
+                handler.client.update_run(runs[0].info.run_id, status="RUNNING")
+    return found

@@ -1,0 +1,160 @@
+"""Training state across crashes, concurrent starts and resumes, driven through the bundle CLI in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from monai_adv.bundle import latest_checkpoint
+
+# Blocks the trainer's second checkpoint write inside torch.save, so that the test can kill -9 the process there.
+SLOW_STATE = """
+import time
+
+
+class _BlocksWhileWritten:
+    def __reduce__(self):
+        print("CHECKPOINT-WRITE-STARTED", flush=True)
+        time.sleep(300)
+        return (int, (0,))
+
+
+class SlowOnSecondSave:
+    def __init__(self):
+        self.saves = 0
+
+    def state_dict(self):
+        self.saves += 1
+        return {"blocker": _BlocksWhileWritten() if self.saves >= 2 else 0}
+
+    def load_state_dict(self, state):
+        pass
+"""
+SLOW_OVERLAY = {
+    "slow_state": {"_target_": "slow_state.SlowOnSecondSave"},
+    "train#checkpoint_saver#save_dict#slow": "@slow_state",
+}
+
+
+def start_training(bundle, root: Path, settings: dict, log: Path, config_file: str, env: dict) -> subprocess.Popen:
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config_file,
+               "--bundle_root", str(root), "--tracking", "mlflow", *bundle.overrides({**bundle.tiny, **settings})]  # fmt: skip
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            command, cwd=bundle.repo_root, env=bundle.env(env), stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def wait_for(log: Path, text: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        if process.poll() is not None:
+            pytest.fail(f"training exited with {process.returncode} before {text!r}:\n{log.read_text()[-6000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no {text!r} after {timeout} s:\n{log.read_text()[-6000:]}")
+        time.sleep(0.2)
+
+
+def mlflow_runs(bundle, root: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(bundle.sqlite_uri(root))
+    experiment = client.get_experiment_by_name(bundle.experiment)
+    return client, {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_concurrent_start_and_fresh_run_after_the_crash(bundle, tmp_path):
+    root = tmp_path / "bundle"
+    root.mkdir()
+    (tmp_path / "slow_state.py").write_text(SLOW_STATE)
+    overlay = tmp_path / "slow.json"
+    overlay.write_text(json.dumps(SLOW_OVERLAY))
+    configs = f"['{bundle.train_json}','{overlay}']"
+    log = tmp_path / "first.log"
+    first = start_training(bundle, root, {"max_epochs": 3}, log, configs, {"PYTHONPATH": str(tmp_path)})
+    try:
+        wait_for(log, "CHECKPOINT-WRITE-STARTED", first)  # epoch 2's checkpoint is being written
+        models = root / "models"
+        lock = json.loads((models / "training.lock").read_text())
+        assert lock["pid"] == first.pid
+        assert first.poll() is None, "the first training should still be blocked in its checkpoint write"
+
+        second = bundle.train(root, {"max_epochs": 1}, tracking="mlflow", expect_success=False)
+        assert second.returncode != 0
+        assert f"another training is running in {models}" in second.output, second.describe()
+        assert f"pid {first.pid}" in second.output
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(timeout=60)
+
+    # the previous checkpoint is complete; the interrupted write left no checkpoint_epoch=2.pt, partial or not
+    checkpoints = sorted(p.name for p in models.glob("checkpoint_epoch=*.pt"))
+    assert checkpoints == ["checkpoint_epoch=1.pt"], sorted(p.name for p in models.iterdir())
+    assert latest_checkpoint(models) == str(models / "checkpoint_epoch=1.pt")
+    assert (
+        torch.load(models / "checkpoint_epoch=1.pt", weights_only=True)["trainer"]["iteration"] == 2
+    )  # one epoch of 2 batches
+    crashed_id = json.loads((models / "training_run.json").read_text())["run_id"]
+    client, runs = mlflow_runs(bundle, root)
+    assert list(runs) == [crashed_id], "the refused training must not have opened an MLflow run"
+
+    # a fresh training after the crash: takes over the dead process's lock, gets its own MLflow run
+    fresh = bundle.train(root, {"max_epochs": 1}, tracking="mlflow")
+    assert "taking over the stale lock" in fresh.output, fresh.describe()
+    assert not (models / "training.lock").exists()
+    fresh_id = json.loads((models / "training_run.json").read_text())["run_id"]
+    client, runs = mlflow_runs(bundle, root)
+    assert set(runs) == {crashed_id, fresh_id} and fresh_id != crashed_id
+    assert runs[fresh_id].info.status == "FINISHED" and runs[crashed_id].info.status == "RUNNING"
+    assert [m.step for m in client.get_metric_history(runs[fresh_id].info.run_id, "val_mean_iou")] == [1]
+    assert sorted(p.name for p in (models / "previous_runs" / crashed_id).iterdir()) == [
+        "checkpoint_epoch=1.pt", "model.pt", "training_run.json"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_resume_continues_the_latest_training_and_keeps_its_best_model(bundle, trained_bundle, tmp_path):
+    # training A: the shared 2-epoch bundle (with its MLflow store); training B: 1 epoch, fresh, in the same root
+    root = bundle.copy_outputs(trained_bundle.root, tmp_path / "bundle", parts=("models", "data", "eval"))
+    run_a = json.loads((root / "models" / "training_run.json").read_text())["run_id"]
+    bundle.train(root, {"max_epochs": 1}, tracking="mlflow")
+    models = root / "models"
+    run_b = json.loads((models / "training_run.json").read_text())["run_id"]
+    assert run_b != run_a
+    assert (models / "previous_runs" / run_a / "checkpoint_epoch=2.pt").is_file()
+
+    # B's best score so far, as recorded with its checkpoint, made unbeatable: no later validation may replace it
+    checkpoint = torch.load(models / "checkpoint_epoch=1.pt", weights_only=True)
+    assert checkpoint["training_run"]["run_id"] == run_b
+    [(best_b, _)] = checkpoint["best_model_saver"]["_saved"]
+    checkpoint["best_model_saver"]["_saved"] = [(0.999, name) for _, name in checkpoint["best_model_saver"]["_saved"]]
+    torch.save(checkpoint, models / "checkpoint_epoch=1.pt")
+    best_model = (models / "model.pt").read_bytes()
+
+    resumed = bundle.train(root, {"max_epochs": 2, "resume": "true"}, tracking="mlflow")
+    restored = [line for line in resumed.output.splitlines() if "Restored" in line]
+    assert restored and str(models / "checkpoint_epoch=1.pt") in restored[0], resumed.describe()
+    assert "Epoch[2] Metrics" in resumed.output and "Epoch: 1/2" not in resumed.output
+    assert (models / "model.pt").read_bytes() == best_model, "the first validation after resume replaced model.pt"
+    assert "Got new best metric of val_mean_iou" not in resumed.output, "the validator forgot the best score"
+    saved = torch.load(models / "checkpoint_epoch=2.pt", weights_only=True)
+    assert saved["best_model_saver"]["_saved"][0][0] == pytest.approx(0.999)
+    assert json.loads((models / "training_run.json").read_text())["run_id"] == run_b
+
+    client, runs = mlflow_runs(bundle, root)
+    assert set(runs) == {run_a, run_b}, "resume must continue B's MLflow run, not open another"
+    b_iou = [m.step for m in client.get_metric_history(runs[run_b].info.run_id, "val_mean_iou")]
+    assert sorted(b_iou) == [1, 2] and runs[run_b].info.status == "FINISHED"
+    a_iou = [m.step for m in client.get_metric_history(runs[run_a].info.run_id, "val_mean_iou")]
+    assert sorted(a_iou) == [1, 2]
+    assert 0.0 <= best_b <= 1.0

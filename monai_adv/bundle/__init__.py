@@ -4,11 +4,13 @@ Not part of the augmentation library: they keep one bundle root's training state
 
 - :mod:`monai_adv.bundle.checkpoints`: atomic checkpoint writing, finding a readable checkpoint to resume
   from, checking input files.
+- :mod:`monai_adv.bundle.settings`: checks of command-line settings (``--image_size``).
 - :mod:`monai_adv.bundle.training_run`: the identity of a training (one MLflow run each), the lock that keeps
   two trainings out of one bundle root, and the adversarial parameters handed to MLflow.
 """
 
 from monai_adv.bundle.checkpoints import AtomicCheckpointSaver, KeepPreviousDiskSaver, latest_checkpoint, require_file
+from monai_adv.bundle.settings import spatial_size
 from monai_adv.bundle.training_run import TrainingRun, prepare_mlflow_handlers
 
 __all__ = [
@@ -18,4 +20,5 @@ __all__ = [
     "latest_checkpoint",
     "prepare_mlflow_handlers",
     "require_file",
+    "spatial_size",
 ]

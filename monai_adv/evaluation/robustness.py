@@ -67,7 +67,7 @@ class RobustnessEvaluator(Engine):
     (``{"checkpoint", "num_images", "results": [{"attack", "epsilon", "num_steps", "mean_iou", "mean_dice"}]}``),
     ``robustness.csv``, ``robustness.png`` (IoU against epsilon) and, with ``num_examples > 0``,
     ``robustness_examples.png`` (input, FGSM and InvFGSM images, amplified difference, label, predictions).
-    It also puts ``robust_iou/<attack>/eps=<e>`` into ``state.metrics`` and adds the files to the artifacts of
+    It also puts ``robust_iou/<attack>/eps_<e>`` into ``state.metrics`` and adds the files to the artifacts of
     any attached ``MLFlowHandler``.
 
     Args:
@@ -261,8 +261,8 @@ class RobustnessEvaluator(Engine):
                 "mean_dice": float(dice.aggregate().item()),
             }
             self.rows.append(row)
-            self.state.metrics[f"robust_iou/{attack}/eps={eps:g}"] = row["mean_iou"]
-            self.state.metrics[f"robust_dice/{attack}/eps={eps:g}"] = row["mean_dice"]
+            self.state.metrics[f"robust_iou/{attack}/eps_{eps:g}"] = row["mean_iou"]
+            self.state.metrics[f"robust_dice/{attack}/eps_{eps:g}"] = row["mean_dice"]
         self.output_dir.mkdir(parents=True, exist_ok=True)
         summary = {"checkpoint": self.checkpoint, "num_images": self._num_images, "results": self.rows}
         json_path = self.output_dir / "robustness.json"

@@ -1,6 +1,6 @@
 """Shells over the attack core for evaluation and the offline protocol: robustness curves, adversarial copies, figures."""
 
-from monai_adv.evaluation.augment import AdversarialDatasetWriter
+from monai_adv.evaluation.augment import AdversarialDatasetWriter, save_scaled_image
 from monai_adv.evaluation.figures import plot_robustness_curve, save_example_grid
 from monai_adv.evaluation.robustness import (
     ATTACKS,
@@ -19,4 +19,5 @@ __all__ = [
     "load_network_weights",
     "plot_robustness_curve",
     "save_example_grid",
+    "save_scaled_image",
 ]

@@ -23,7 +23,7 @@ from monai_adv.attacks.gradient_sign import ClampMode, LossFunction
 from monai_adv.attacks.sweep import gradient_sign_sweep
 from monai_adv.evaluation.robustness import load_network_weights
 
-__all__ = ["AdversarialDatasetWriter"]
+__all__ = ["AdversarialDatasetWriter", "save_scaled_image"]
 
 _DIRECTION = {"fgsm": "ascend", "invfgsm": "descend"}
 
@@ -34,6 +34,54 @@ def _stem(path: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
+
+
+def save_scaled_image(
+    array: torch.Tensor,
+    path: str | os.PathLike,
+    intensity_range: Sequence[float] = (0.0, 255.0),
+    is_mask: bool = False,
+    affine: Any = None,
+) -> str:
+    """Write a preprocessed ``(C, *spatial)`` image (scaled to [0, 1]) or {0, 1} mask so that the bundle reloads it.
+
+    With ``intensity_range=(0, 255)``: an 8-bit PNG (``round(255 * x)``; masks {0, 255}) through MONAI's
+    ``PILWriter``, the inverse of the ``PILReader`` that ``LoadImaged`` uses, so axes come back in the same order.
+    Otherwise: NIfTI through ``NibabelWriter``, images as float32 in the original units
+    (``low + x * (high - low)``), masks as uint8.
+
+    Args:
+        array: the image or mask.
+        path: the file path without suffix (``.png`` or ``.nii.gz`` is added).
+        intensity_range: ``(low, high)`` of the fixed scaling the bundle's preprocessing applies.
+        is_mask: write a mask.
+        affine: the NIfTI affine, or None.
+
+    Returns:
+        The path written.
+    """
+    from monai.data import NibabelWriter, PILWriter
+
+    low, high = (float(v) for v in intensity_range)
+    data = torch.as_tensor(array).detach().float().cpu()
+    path = Path(path)
+    if (low, high) == (0.0, 255.0):
+        values = (data * 255.0).round().clamp(0, 255).to(torch.uint8)
+        writer = PILWriter(output_dtype=np.uint8, scale=None)
+        writer.set_data_array(values.numpy(), channel_dim=0)
+        out = path.parent / (path.name + ".png")
+        writer.write(out, verbose=False)
+        return str(out)
+    out = path.parent / (path.name + ".nii.gz")
+    if is_mask:
+        writer, values = NibabelWriter(output_dtype=np.uint8), data.to(torch.uint8)
+    else:
+        writer, values = NibabelWriter(output_dtype=np.float32), low + data * (high - low)
+    writer.set_data_array(values.numpy(), channel_dim=0)
+    affine = None if affine is None else torch.as_tensor(affine).cpu().numpy()
+    writer.set_metadata({"affine": affine, "original_affine": affine} if affine is not None else None)
+    writer.write(out, verbose=False)
+    return str(out)
 
 
 class AdversarialDatasetWriter:
@@ -119,25 +167,7 @@ class AdversarialDatasetWriter:
         self.logger = logging.getLogger("AdversarialDatasetWriter")
 
     def _write(self, array: torch.Tensor, path: Path, is_mask: bool, affine: torch.Tensor | None = None) -> str:
-        from monai.data import NibabelWriter, PILWriter
-
-        data = torch.as_tensor(array).detach().float().cpu()
-        if self.png:
-            values = data * 255.0 if is_mask else (data * 255.0).round()
-            writer = PILWriter(output_dtype=np.uint8, scale=None)
-            writer.set_data_array(values.clamp(0, 255).to(torch.uint8).numpy(), channel_dim=0)
-            writer.write(path.with_suffix(".png"), verbose=False)
-            return str(path.with_suffix(".png"))
-        out = path.parent / (path.name + ".nii.gz")
-        if is_mask:
-            writer, values = NibabelWriter(output_dtype=np.uint8), data.to(torch.uint8)
-        else:
-            writer, values = NibabelWriter(output_dtype=np.float32), self.low + data * (self.high - self.low)
-        writer.set_data_array(values.numpy(), channel_dim=0)
-        affine = None if affine is None else torch.as_tensor(affine).cpu().numpy()
-        writer.set_metadata({"affine": affine, "original_affine": affine} if affine is not None else None)
-        writer.write(out, verbose=False)
-        return str(out)
+        return save_scaled_image(array, path, (self.low, self.high), is_mask=is_mask, affine=affine)
 
     def run(self) -> dict[str, Any]:
         """Write the copies and the datalists.

@@ -8,10 +8,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-__all__ = ["plot_robustness_curve", "save_example_grid"]
+__all__ = ["agg_pyplot", "plot_robustness_curve", "save_example_grid"]
 
 
-def _pyplot():
+def agg_pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -31,7 +31,7 @@ def plot_robustness_curve(rows: Sequence[Mapping], path: str | os.PathLike, titl
     Returns:
         ``path`` as a string.
     """
-    plt = _pyplot()
+    plt = agg_pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for attack in dict.fromkeys(r["attack"] for r in rows):
         points = sorted((r["epsilon"], r["mean_iou"]) for r in rows if r["attack"] == attack)
@@ -82,7 +82,7 @@ def save_example_grid(columns: Mapping[str, Sequence[torch.Tensor]], path: str |
             f"every column needs the same, non-zero number of images, got { {k: len(v) for k, v in columns.items()} }."
         )
     num_rows, names = counts.pop(), list(columns)
-    plt = _pyplot()
+    plt = agg_pyplot()
     fig, axes = plt.subplots(num_rows, len(names), figsize=(1.8 * len(names), 1.8 * num_rows), squeeze=False)
     for col, name in enumerate(names):
         for row, image in enumerate(columns[name]):

@@ -94,3 +94,5 @@ def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
         str(Path("seed0", "unet", "models", "model.pt"))
     )
     assert re.search(r"\*\*(held|did not hold|unclear)", page)
+    summary = json.loads((output / "results" / "summary.json").read_text())
+    assert f"{summary['arms']['unet']['test_mean_iou']['mean']:.4f}" == test_rows["UNet"][0]

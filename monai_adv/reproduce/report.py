@@ -6,6 +6,7 @@ collected from the bundle runs; nothing is typed by hand.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -231,4 +232,35 @@ def write_report(results: dict, output: Path, context: dict[str, Any]) -> Path:
     lines += ["```", ""]
     path = output / "results.md"
     path.write_text("\n".join(lines))
+    _write_summary(results, epsilons, context, figures / "summary.json")
     return path
+
+
+def _write_summary(results: dict, epsilons: list[float], context: dict[str, Any], path: Path) -> None:
+    """Headline numbers (mean and std over seeds) as JSON, e.g. for a bundle's ``metadata.json`` ``eval_metrics``."""
+    arms = results["arms"]
+
+    def stats(values: Sequence[float]) -> dict[str, float]:
+        mean, std = mean_std(values)
+        return {"mean": round(mean, 4), "std": round(std, 4)}
+
+    summary: dict[str, Any] = {
+        "profile": context["profile"].name,
+        "seeds": results["seeds"],
+        "command": context["command"],
+        "version": context["version"],
+        "split": "test",
+        "arms": {},
+    }
+    for arm, seeds in arms.items():
+        values = list(seeds.values())
+        summary["arms"][arm] = {
+            "test_mean_iou": stats([test_score(s) for s in values]),
+            "test_mean_dice": stats([test_score(s, "mean_dice") for s in values]),
+            "best_val_mean_iou": stats([max(s["val_iou"].values()) for s in values]),
+            "robustness_mean_iou": {
+                attack: {f"{e:g}": stats([robustness_value(s, attack, e) for s in values]) for e in epsilons}
+                for attack in ATTACK_LABELS
+            },
+        }
+    path.write_text(json.dumps(summary, indent=1) + "\n")

@@ -21,6 +21,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.metrics import DiceMetric, MeanIoU
 from monai.networks.utils import one_hot
+from monai.utils import convert_to_tensor
 from torch import nn
 
 from monai_adv.attacks.gradient_sign import ClampMode, LossFunction, gradient_sign_attack
@@ -217,8 +218,9 @@ class RobustnessEvaluator(Engine):
         return out
 
     def _iteration(self, engine: Engine, batch: dict) -> dict:
-        images = torch.as_tensor(batch[self.image_key]).to(self.device)
-        labels = torch.as_tensor(batch[self.label_key]).to(self.device)
+        # plain tensors: metadata tracking would only slow the many forward passes down
+        images = convert_to_tensor(batch[self.image_key], track_meta=False).to(self.device)
+        labels = convert_to_tensor(batch[self.label_key], track_meta=False).to(self.device)
         self.network.eval()
         target = one_hot(labels.round().long(), self.num_classes)
         clean = self._predict(images)

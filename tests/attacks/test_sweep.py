@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import square_data, tiny_net
 from monai.losses import DiceCELoss
 
 from monai_adv.attacks.gradient_sign import gradient_sign_attack
@@ -14,7 +13,8 @@ EPSILONS = [0.0, 0.0012, 0.0118, 0.1176, 0.2]
 
 
 @pytest.mark.parametrize("clamp", ["range", "image", "none"])
-def test_sweep_equals_one_attack_per_epsilon(clamp):
+def test_sweep_equals_one_attack_per_epsilon(clamp, make_tiny_net, make_square_data):
+    tiny_net, square_data = make_tiny_net, make_square_data
     net = tiny_net(batch_norm=True)
     loss = DiceCELoss(to_onehot_y=True, softmax=True)
     images, labels = square_data(batch=3, size=16)
@@ -29,14 +29,16 @@ def test_sweep_equals_one_attack_per_epsilon(clamp):
     assert torch.equal(swept["ascend"][0], images)
 
 
-def test_sweep_leaves_network_as_it_was():
+def test_sweep_leaves_network_as_it_was(make_tiny_net, make_square_data):
+    tiny_net, square_data = make_tiny_net, make_square_data
     net = tiny_net(batch_norm=True).train()
     images, labels = square_data(batch=2)
     gradient_sign_sweep(net, DiceCELoss(to_onehot_y=True, softmax=True), images, labels, [0.1])
     assert net.training and all(p.grad is None for p in net.parameters())
 
 
-def test_sweep_from_gradient_is_within_epsilon_and_bounds():
+def test_sweep_from_gradient_is_within_epsilon_and_bounds(make_square_data):
+    square_data = make_square_data
     images, _ = square_data(batch=2)
     gradient = torch.randn_like(images)
     bounds = (torch.tensor(0.0), torch.tensor(1.0))
@@ -51,7 +53,8 @@ def test_bad_epsilons_are_refused(bad):
         check_epsilons(bad)
 
 
-def test_bad_direction_and_gradient_shape_are_refused():
+def test_bad_direction_and_gradient_shape_are_refused(make_tiny_net, make_square_data):
+    tiny_net, square_data = make_tiny_net, make_square_data
     images, labels = square_data(batch=2)
     with pytest.raises(ValueError, match="directions"):
         gradient_sign_sweep(tiny_net(), DiceCELoss(to_onehot_y=True, softmax=True), images, labels, [0.1], ["up"])

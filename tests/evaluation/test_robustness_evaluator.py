@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import square_data, tiny_net
 from monai.losses import DiceCELoss
 from monai.metrics import MeanIoU
 from monai.networks.utils import one_hot
@@ -15,7 +14,7 @@ from monai_adv.attacks.gradient_sign import gradient_sign_attack
 from monai_adv.evaluation import AdversarialDatasetWriter, RobustnessEvaluator, save_scaled_image
 
 
-def batches(num_batches: int = 2, batch: int = 3, size: int = 16) -> list[dict]:
+def batches(square_data, num_batches: int = 2, batch: int = 3, size: int = 16) -> list[dict]:
     out = []
     for seed in range(num_batches):
         images, labels = square_data(batch=batch, size=size, seed=seed)
@@ -23,8 +22,9 @@ def batches(num_batches: int = 2, batch: int = 3, size: int = 16) -> list[dict]:
     return out
 
 
-def test_rows_match_direct_computation(tmp_path):
-    net, loss, data = tiny_net(seed=1), DiceCELoss(to_onehot_y=True, softmax=True), batches()
+def test_rows_match_direct_computation(tmp_path, make_tiny_net, make_square_data):
+    tiny_net, square_data = make_tiny_net, make_square_data
+    net, loss, data = tiny_net(seed=1), DiceCELoss(to_onehot_y=True, softmax=True), batches(square_data)
     evaluator = RobustnessEvaluator(net, loss, data, tmp_path, attacks=["fgsm", "invfgsm"], epsilons=[0, 0.05],
                                     num_examples=2)  # fmt: skip
     evaluator.run()
@@ -48,13 +48,17 @@ def test_rows_match_direct_computation(tmp_path):
     [({"attacks": ["deepfool"]}, ValueError, "unknown attack"), ({"epsilons": [-0.1]}, ValueError, "non-negative"),
      ({"pgd_steps": 0}, ValueError, "pgd_steps"), ({"checkpoint": "missing.pt"}, FileNotFoundError, "missing.pt")],
 )  # fmt: skip
-def test_bad_options_fail_at_construction(tmp_path, kwargs, error, message):
+def test_bad_options_fail_at_construction(tmp_path, kwargs, error, message, make_tiny_net, make_square_data):
+    tiny_net, square_data = make_tiny_net, make_square_data
     with pytest.raises(error, match=message):
-        RobustnessEvaluator(tiny_net(), DiceCELoss(to_onehot_y=True, softmax=True), batches(), tmp_path, **kwargs)
+        RobustnessEvaluator(
+            tiny_net(), DiceCELoss(to_onehot_y=True, softmax=True), batches(square_data), tmp_path, **kwargs
+        )
 
 
-def test_writer_refuses_per_image_scaling_and_unknown_methods(tmp_path):
-    args = (tiny_net(), DiceCELoss(to_onehot_y=True, softmax=True), batches(), [], [], tmp_path)
+def test_writer_refuses_per_image_scaling_and_unknown_methods(tmp_path, make_tiny_net, make_square_data):
+    tiny_net, square_data = make_tiny_net, make_square_data
+    args = (tiny_net(), DiceCELoss(to_onehot_y=True, softmax=True), batches(square_data), [], [], tmp_path)
     with pytest.raises(ValueError, match="fixed intensity scaling"):
         AdversarialDatasetWriter(*args, intensity_range=None)
     with pytest.raises(ValueError, match="unknown augment method"):

@@ -1,0 +1,98 @@
+"""``python -m monai_adv.reproduce --profile smoke``: end to end, and the page reports what the run measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KVASIR = REPO_ROOT.parent / "shared" / "data" / "kvasir_seg"
+
+
+def table_rows(page: str, heading: str) -> dict[str, list[str]]:
+    """``{first cell: other cells}`` of the first markdown table after ``heading``."""
+    section = page.split(heading, 1)[1]
+    rows = {}
+    for line in section.splitlines()[2:]:
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if not set(cells[0]) <= {"-"} and cells[0] != "arm":
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A small subset is taken by the smoke profile; Kvasir-SEG when present, else a generated dataset."""
+    if (KVASIR / "split.json").is_file():
+        return KVASIR
+    from monai_adv.data.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", num_images=40, size=48)
+
+
+def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "monai_adv.reproduce", "--dataset_dir", str(dataset), "--profile", "smoke",
+               "--seeds", "0", "--output", str(output)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(command, check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    page = (output / "results.md").read_text()
+    for figure in ("val_iou_by_epoch.png", "robustness_by_arm.png", "examples.png"):
+        assert (output / "results" / figure).stat().st_size > 0
+        assert f"results/{figure}" in page
+    assert "--profile smoke" in page and "Code version: `" in page and "Wall time:" in page
+
+    from mlflow.tracking import MlflowClient
+    from monai.utils import path_to_sqlite_uri
+
+    labels = {
+        "unet": "UNet",
+        "fgsm_online": "UNet + FGSM (online)",
+        "invfgsm_offline": "UNet + InvFGSM (offline, Fig. 1)",
+    }
+    test_rows = table_rows(page, "## Test split, best checkpoint")
+    val_rows = table_rows(page, "## Validation IoU at the paper's epochs")
+    robust_rows = {}
+    for line in page.split("## Robustness on the test split", 1)[1].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 3 and cells[1] in ("FGSM", "InvFGSM", "PGD"):
+            robust_rows[cells[0], cells[1]] = cells[2:]
+    for arm, label in labels.items():
+        root = output / "work" / "runs" / "seed0" / arm
+        # the test score is the clean row of this arm's robustness.json on the test split
+        measured = json.loads((root / "robustness_test" / "robustness.json").read_text())
+        assert measured["num_images"] == 8
+        rows = {(r["attack"], r["epsilon"]): r for r in measured["results"]}
+        assert test_rows[label][0] == f"{rows['fgsm', 0.0]['mean_iou']:.4f}"
+        assert test_rows[label][1] == f"{rows['fgsm', 0.0]['mean_dice']:.4f}"
+        assert robust_rows[label, "PGD"][-1] == f"{rows['pgd', 0.2]['mean_iou']:.4f}"
+        # the validation IoU at the last epoch is what training logged to its MLflow store
+        client = MlflowClient(path_to_sqlite_uri(str(root / "eval" / "mlruns.db")))
+        history = {
+            m.step: m.value
+            for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id])
+            for m in client.get_metric_history(r.info.run_id, "val_mean_iou")
+        }
+        assert sorted(history) == [1, 2, 3]
+        assert val_rows[label][-1] == f"{history[3]:.4f}"
+    # one adversarial copy per training item for each offline method, from the UNet arm's checkpoint
+    offline = json.loads((output / "work" / "runs" / "seed0" / "offline_data" / "datalist_invfgsm.json").read_text())
+    assert len(offline["training"]) == 32 and offline["checkpoint"].endswith(
+        str(Path("seed0", "unet", "models", "model.pt"))
+    )
+    assert re.search(r"\*\*(held|did not hold|unclear)", page)
+    summary = json.loads((output / "results" / "summary.json").read_text())
+    assert f"{summary['arms']['unet']['test_mean_iou']['mean']:.4f}" == test_rows["UNet"][0]

@@ -14,7 +14,7 @@ from monai.transforms.transform import MapTransform, RandomizableTransform
 from torch import nn
 
 from monai_adv.attacks import ClampMode, LossFunction, NetworkMode, ZeroGradientAction
-from monai_adv.transforms.array import FGSM, GradientSign, InvFGSM
+from monai_adv.transforms.array import FGSM, GradientSign, InvFGSM, check_input_gradient
 
 __all__ = ["FGSMD", "FGSMDict", "FGSMd", "GradientSignd", "InvFGSMD", "InvFGSMDict", "InvFGSMd"]
 
@@ -143,6 +143,18 @@ class GradientSignd(RandomizableTransform, MapTransform):
     def tracks_loss(self) -> bool:
         """Whether each call also measures the loss on its output (``return_loss_after``)."""
         return self.attack.return_loss_after
+
+    @property
+    def network_mode(self) -> str:
+        """The network's mode during the attack (``"eval"``, ``"train"`` or ``"unchanged"``)."""
+        return self.attack.network_mode
+
+    def check_gradient(self, images: torch.Tensor, gradient: torch.Tensor, check_finite: bool = True) -> None:
+        """Check a given input gradient and the images against this transform's settings, with one host-device
+        sync (see :func:`monai_adv.transforms.array.check_input_gradient`)."""
+        check_input_gradient(
+            images, gradient, self.attack.clamp, self.attack.value_range, self.attack.on_zero_gradient, check_finite
+        )
 
     @property
     def amp(self) -> bool:

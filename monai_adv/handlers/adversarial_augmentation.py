@@ -127,8 +127,8 @@ class AdversarialAugmentationHandler(Randomizable):
     the training step's own backward pass, so no separate attack pass runs: at ``ITERATION_STARTED``
     the image tensor is made to require grad; at ``IterationEvents.LOSS_COMPLETED`` the clean loss is
     weighted ``1 / (1 + k)`` (``k`` copies); at ``IterationEvents.BACKWARD_COMPLETED`` (before the
-    optimizer step) the copies ``clip(x ± epsilon * sign(grad_x))`` go through the network in one
-    forward pass and their loss, weighted ``1 / (1 + k)`` each, is backpropagated into the same
+    optimizer step) the copies ``clip(x ± epsilon * sign(grad_x))`` go through the network (one forward and
+    backward pass per copy, so memory stays that of a plain step) and their loss, weighted ``1 / (1 + k)`` each, is backpropagated into the same
     parameter gradients (divided by ``accumulation_steps`` and scaled by ``engine.scaler`` as the
     trainer does). For a loss that averages over samples and a network whose samples do not interact
     (instance norm, no BatchNorm), that is the same parameter update as one step on the concatenated
@@ -440,31 +440,31 @@ class AdversarialAugmentationHandler(Randomizable):
             ]
             for t in transforms
         ]
-        adversarial = torch.cat(copies) if len(copies) > 1 else copies[0]
         labels = engine.state.output[CommonKeys.LABEL]
         k = len(copies)
         acc = int(getattr(engine, "accumulation_steps", 1) or 1)
-        # the same autocast as the trainer's forward (SupervisedTrainer autocasts on CUDA only)
-        context = torch.autocast("cuda", **engine.amp_kwargs) if use_scaler else contextlib.nullcontext()
-        with context:
-            pred = engine.inferer(adversarial, engine.network)
-            if isinstance(pred, torch.Tensor) and k > 1:  # one loss per method, for its metric
-                losses = [engine.loss_function(p, labels).mean() for p in pred.chunk(k)]
-            else:
-                losses = [engine.loss_function(pred, torch.cat([labels] * k) if k > 1 else labels).mean()]
-        # each copy weighs 1 / (1 + k), as its samples would in the mean over the concatenated batch
-        adversarial_loss = (sum(losses) if len(losses) == k else k * losses[0]) / (1 + k)
-        scaled = adversarial_loss / acc if acc > 1 else adversarial_loss
-        (scaler.scale(scaled) if use_scaler else scaled).backward()
+        adversarial_loss = torch.zeros((), device=clean.device)
+        losses = []
+        for adversarial in copies:
+            # One forward/backward per copy: the same gradient as one pass over all copies (samples do not
+            # interact), at the memory of a plain step; the same autocast as the trainer's forward
+            # (SupervisedTrainer autocasts on CUDA only).
+            with torch.autocast("cuda", **engine.amp_kwargs) if use_scaler else contextlib.nullcontext():
+                loss = engine.loss_function(engine.inferer(adversarial, engine.network), labels).mean()
+            # each copy weighs 1 / (1 + k), as its samples would in the mean over the concatenated batch
+            weighted = loss / (1 + k)
+            scaled = weighted / acc if acc > 1 else weighted
+            (scaler.scale(scaled) if use_scaler else scaled).backward()
+            losses.append(loss.detach())
+            adversarial_loss = adversarial_loss + weighted.detach()
         engine.state.output[CommonKeys.LOSS] = (engine.state.output[CommonKeys.LOSS] + adversarial_loss).detach()
         engine.state.output[CommonKeys.IMAGE] = clean
         image.grad = None
-        self.adversarial = adversarial.detach()
+        self.adversarial = torch.cat(copies) if k > 1 else copies[0]
         self._values["adv_loss_clean"] = pending["loss_clean"]
         self._values["adv_epsilon"] = torch.stack([t.last_stats["epsilon"] for t in transforms]).mean()
-        if len(losses) == k:
-            for t, loss in zip(transforms, losses):
-                self._values[f"adv_loss_{t.method}"] = loss.detach()
+        for t, loss in zip(transforms, losses):
+            self._values[f"adv_loss_{t.method}"] = loss
 
     # -------------------------------------------------------------------------------------------- separate passes
 

@@ -16,7 +16,7 @@ from monai.transforms.transform import Randomizable
 from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
 from torch import nn
 
-from monai_adv.attacks import LossFunction
+from monai_adv.attacks import LossFunction, input_gradient, preserved_network_state, unwrap_network
 from monai_adv.transforms.dictionary import GradientSignd
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -127,20 +127,21 @@ class AdversarialAugmentationHandler(Randomizable):
     the training step's own backward pass, so no separate attack pass runs: at ``ITERATION_STARTED``
     the image tensor is made to require grad; at ``IterationEvents.LOSS_COMPLETED`` the clean loss is
     weighted ``1 / (1 + k)`` (``k`` copies); at ``IterationEvents.BACKWARD_COMPLETED`` (before the
-    optimizer step) the copies ``clip(x ± epsilon * sign(grad_x))`` go through the network (one forward and
-    backward pass per copy, so memory stays that of a plain step) and their loss, weighted ``1 / (1 + k)`` each, is backpropagated into the same
-    parameter gradients (divided by ``accumulation_steps`` and scaled by ``engine.scaler`` as the
-    trainer does). For a loss that averages over samples and a network whose samples do not interact
-    (instance norm, no BatchNorm), that is the same parameter update as one step on the concatenated
-    batch, with the attack taken **at the weights before this step's update, in train mode** (the
-    trainer's forward); FGSM and InvFGSM share the one gradient. ``engine.state.output["loss"]`` is
-    the concatenated batch's loss; its image, label and prediction are the clean batch's. For networks
-    whose train and eval modes differ (dropout; BatchNorm, whose batch statistics also mix the clean
-    samples), the gradient is the train-mode one, and BatchNorm sees the clean batch and the copies
-    separately: use ``fused=False`` to attack in the transform's ``network_mode`` and train on the
-    concatenated batch instead (a warning says so at the start). Fusing applies to the single-step
-    transforms on the trainer's ``"image"``/``"label"`` keys that attack the trainer's network and loss;
-    in any other case (iterative or random-start transforms, other keys, another network or loss,
+    optimizer step) the copies ``clip(x ± epsilon * sign(grad_x))`` go through the network, one
+    forward and backward pass per copy (so memory stays that of a plain step), and their losses,
+    weighted ``1 / (1 + k)`` each, are backpropagated into the same parameter gradients (divided by
+    ``accumulation_steps`` and scaled by ``engine.scaler``, as the trainer does). For a loss that
+    averages over samples and a network whose samples do not interact (instance norm, no BatchNorm),
+    that is the same parameter update as one step on the concatenated batch, with the attack taken
+    **at the weights before this step's update, in train mode** (the trainer's forward pass); FGSM
+    and InvFGSM share the one gradient. ``engine.state.output["loss"]`` is the concatenated batch's
+    loss; its image, label and prediction are the clean batch's; :attr:`adversarial` holds the copies.
+    For networks whose train and eval modes differ (dropout; BatchNorm, whose batch statistics also
+    mix samples), the gradient is the train-mode one and BatchNorm sees the clean batch and each copy
+    as separate batches: ``fused=False`` attacks in the transform's ``network_mode`` and trains on the
+    concatenated batch instead (a warning at the start says so). Fusing applies to single-step
+    transforms on the trainer's ``"image"``/``"label"`` keys that attack the trainer's own network
+    and loss; otherwise (iterative or random-start transforms, other keys, another network or loss,
     ``mode="replace"``) the handler uses separate attack passes.
 
     **Separate passes (``fused=False``, and ``mode="replace"``).** At ``ITERATION_STARTED`` (the
@@ -470,8 +471,6 @@ class AdversarialAugmentationHandler(Randomizable):
 
     def _shared_gradient(self, batch: dict[Hashable, Any]) -> dict[Hashable, torch.Tensor] | None:
         """One input-gradient pass for all transforms, where they can share it (single step, same keys and mode)."""
-        from monai_adv.attacks import input_gradient, preserved_network_state, unwrap_network
-
         first = self.transforms[0]
         shareable = len(self.transforms) > 1 and all(
             t.single_step
@@ -534,7 +533,8 @@ class AdversarialAugmentationHandler(Randomizable):
         applied = [t for t in self.transforms if t.applied and t.last_stats]
         if not applied:
             return
-        self._values["adv_epsilon"] = torch.stack([t.last_stats["epsilon"].float().cpu() for t in applied]).mean()
+        epsilons = [t.last_stats["epsilon"] for t in applied]
+        self._values["adv_epsilon"] = torch.stack([e.to(epsilons[0]).float() for e in epsilons]).mean()
         if applied[0].last_stats.get("loss_before") is not None:
             self._values["adv_loss_clean"] = applied[0].last_stats["loss_before"]
         for t in applied:

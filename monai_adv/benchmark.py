@@ -337,7 +337,7 @@ def _machine(device: torch.device) -> dict:
     return machine
 
 
-def _markdown(result: dict, command: str) -> str:
+def _markdown(result: dict, command: str, note: str = "") -> str:
     lines = [
         "# Performance",
         "",
@@ -371,9 +371,9 @@ def _markdown(result: dict, command: str) -> str:
         "`fused=False` restores separate attack passes (in the transform's `network_mode`, `eval` by default)",
         "and a concatenated batch; replace mode always attacks the chosen half in a separate pass.",
         "",
-        "Timings on a shared machine are noisy; the lead reruns them on a quiet machine.",
-        "",
     ]
+    if note:
+        lines += [f"Note: {note}", ""]
     return "\n".join(lines)
 
 
@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--write-docs", nargs="?", const="docs/performance.md", default=None, help="write docs/performance.md"
     )
+    parser.add_argument("--note", default="", help="a remark written into the docs page (e.g. a busy machine)")
     args = parser.parse_args(argv)
     result = run_benchmark(quick=args.quick, device=args.device, rounds=args.rounds)
     print(f"# {result['settings']['network']}, batch {result['settings']['batch']}, on {result['machine']['device']}")
@@ -396,8 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json_path).write_text(json.dumps(result, indent=2))
     if args.write_docs:
         command = "python -m monai_adv.benchmark --write-docs" + (" --quick" if args.quick else "")
+        command += f" --note {json.dumps(args.note)}" if args.note else ""
         Path(args.write_docs).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write_docs).write_text(_markdown(result, command))
+        Path(args.write_docs).write_text(_markdown(result, command, args.note))
     return 0
 
 

@@ -316,7 +316,7 @@ class AdversarialAugmentationHandler(Randomizable):
                 t.single_step
                 and list(t.keys) == [CommonKeys.IMAGE]
                 and t.label_key == CommonKeys.LABEL
-                and t.network is engine_network
+                and unwrap_network(t.network) is unwrap_network(engine_network)  # DDP wrapper or its module
                 and t.loss_function is engine_loss
                 for t in self.transforms
             )

@@ -459,7 +459,7 @@ class AdversarialAugmentationHandler(Randomizable):
             losses.append(loss.detach())
             adversarial_loss = adversarial_loss + weighted.detach()
         engine.state.output[CommonKeys.LOSS] = (engine.state.output[CommonKeys.LOSS] + adversarial_loss).detach()
-        engine.state.output[CommonKeys.IMAGE] = clean
+        engine.state.output[CommonKeys.IMAGE] = image.detach()  # keeps its metadata; no longer requires grad
         image.grad = None
         self.adversarial = torch.cat(copies) if k > 1 else copies[0]
         self._values["adv_loss_clean"] = pending["loss_clean"]

@@ -111,17 +111,15 @@ def _handler(methods: str, **kwargs):
     return AdversarialAugmentationHandler([cls(keys="image", epsilon=0.03, batched=True) for cls in made], **kwargs)
 
 
-def _time(fn: Callable[[], object], device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
+def _time(fn: Callable[[], object], device: torch.device) -> float:
     _sync(device)
-    start = clock()
+    start = time.perf_counter()
     fn()
     _sync(device)
-    return clock() - start
+    return time.perf_counter() - start
 
 
-def _interleaved(
-    cases: dict[str, Callable[[], object]], rounds: int, device: torch.device, clock: Callable[[], float]
-) -> dict[str, float]:
+def _interleaved(cases: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
     """Median seconds per call of each case, measured round-robin (rotated each round) after one warm-up call each."""
     for fn in cases.values():
         fn()
@@ -130,7 +128,7 @@ def _interleaved(
     for index in range(rounds):
         shift = index % len(names)  # rotate the order, so that no case always runs first or after the same one
         for name in names[shift:] + names[:shift]:
-            times[name].append(_time(cases[name], device, clock))
+            times[name].append(_time(cases[name], device))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -189,23 +187,14 @@ def _peak_memory(run: Callable[[], object], device: torch.device) -> tuple[int, 
     return saved.peak, allocator
 
 
-def run_benchmark(
-    quick: bool = False, device: str | None = None, rounds: int | None = None, clock: str = "wall"
-) -> dict:
+def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | None = None) -> dict:
     """Measure every figure; returns ``{"machine": ..., "settings": ..., "figures": [...]}``.
 
     Args:
         quick: a small network and batch (a smoke test of the benchmark itself, not figures to report).
         device: ``"cpu"`` or ``"cuda"``; default CUDA when available.
         rounds: interleaved rounds (median reported); default 5 (3 with ``quick``).
-        clock: ``"wall"`` (elapsed time) or ``"cpu"`` (this process's CPU time: steadier on a CPU shared with
-            other jobs; CPU device only).
-
-    Raises:
-        ValueError: for an unknown clock, or the CPU clock with a CUDA device.
     """
-    if clock not in ("wall", "cpu"):
-        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}.")
     from monai_adv.attacks import input_gradient, preserved_network_state, project_and_clamp, signed_gradient_step
     from monai_adv.transforms import FGSM
 
@@ -214,9 +203,6 @@ def run_benchmark(
     batch_size, size = (4, 32) if quick else (16, 64)
     rounds = rounds or (3 if quick else 5)
     iterations = 1 if quick else 2
-    if clock == "cpu" and dev.type != "cpu":
-        raise ValueError("clock='cpu' measures host CPU time: use it with device cpu only.")
-    timer = time.process_time if clock == "cpu" else time.perf_counter
     batch = _batch(batch_size, size, dev)
     warnings.filterwarnings("ignore", message=r".*start_epoch=.*after the last epoch.*")
 
@@ -269,7 +255,7 @@ def run_benchmark(
         "5 separate attacks": separate_attacks,
         "5-epsilon sweep": sweep,
     })  # fmt: skip
-    seconds = _interleaved(cases, rounds, dev, timer)
+    seconds = _interleaved(cases, rounds, dev)
     step = {name: seconds[name] / iterations for name in trainers}
     plain = step["plain"]
     ratio = {name: value / plain for name, value in step.items()}
@@ -313,7 +299,7 @@ def run_benchmark(
                 features, batch, dev, iterations, _handler("fgsm"), amp=True, amp_dtype=torch.bfloat16
             ).run,
         }
-        amp_seconds = _interleaved(amp_cases, rounds, dev, timer)
+        amp_seconds = _interleaved(amp_cases, rounds, dev)
         figures.append(Figure("AMP bf16 augmented step speed vs fp32 (CUDA)", amp_seconds["fp32"] / amp_seconds["bf16"],
                               "-", ">=", 1.8))  # fmt: skip
     else:
@@ -326,7 +312,6 @@ def run_benchmark(
             "batch": f"{batch_size} x 3 x {size} x {size}",
             "optimizer": "SGD, SupervisedTrainer",
             "rounds": rounds,
-            "clock": "process CPU time" if clock == "cpu" else "wall time",
             "iterations_per_round": iterations,
             "torch_threads": torch.get_num_threads(),
         },
@@ -402,10 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--write-docs", nargs="?", const="docs/performance.md", default=None, help="write docs/performance.md"
     )
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time, or process CPU time")
     parser.add_argument("--note", default="", help="a remark written into the docs page (e.g. a busy machine)")
     args = parser.parse_args(argv)
-    result = run_benchmark(quick=args.quick, device=args.device, rounds=args.rounds, clock=args.clock)
+    result = run_benchmark(quick=args.quick, device=args.device, rounds=args.rounds)
     print(f"# {result['settings']['network']}, batch {result['settings']['batch']}, on {result['machine']['device']}")
     for f in result["figures"]:
         print(Figure(**{k: v for k, v in f.items() if k != "met"}).line())
@@ -413,7 +397,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json_path).write_text(json.dumps(result, indent=2))
     if args.write_docs:
         command = "python -m monai_adv.benchmark --write-docs" + (" --quick" if args.quick else "")
-        command += f" --clock {args.clock}" if args.clock != "wall" else ""
         command += f" --note {json.dumps(args.note)}" if args.note else ""
         Path(args.write_docs).parent.mkdir(parents=True, exist_ok=True)
         Path(args.write_docs).write_text(_markdown(result, command, args.note))

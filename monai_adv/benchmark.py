@@ -356,8 +356,8 @@ def _markdown(result: dict, command: str, note: str = "") -> str:
     for f in result["figures"]:
         ratio = "n/a" if f["ratio"] is None else f"{f['ratio']:.2f}x"
         met = {True: "yes", False: "**no**", None: "skipped"}[f["met"]]
-        note = f" ({f['note']})" if f["note"] else ""
-        lines.append(f"| {f['name']}{note} | {ratio} | {f['floor']} | {f['op']} {f['target']:g} | {met} |")
+        remark = f" ({f['note']})" if f["note"] else ""
+        lines.append(f"| {f['name']}{remark} | {ratio} | {f['floor']} | {f['op']} {f['target']:g} | {met} |")
     lines += [
         "",
         "## What the fast mode computes",

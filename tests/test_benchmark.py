@@ -51,3 +51,4 @@ def test_quick_benchmark_prints_saves_and_documents_every_figure(tmp_path: Path)
     assert "python -m monai_adv.benchmark --write-docs --quick" in docs
     assert all(f"| {name}" in docs for name in EXPECTED)
     assert result["machine"]["platform"] in docs
+    assert "Note:" not in docs  # no --note given

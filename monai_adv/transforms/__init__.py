@@ -3,12 +3,12 @@
 from monai_adv.transforms.array import FGSM, GradientSign, InvFGSM
 from monai_adv.transforms.dictionary import (
     FGSMD,
-    FGSMDict,
     FGSMd,
+    FGSMDict,
     GradientSignd,
     InvFGSMD,
-    InvFGSMDict,
     InvFGSMd,
+    InvFGSMDict,
 )
 
 __all__ = [

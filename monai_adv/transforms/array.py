@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal
+import warnings
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -16,11 +17,27 @@ from monai.utils import TransformBackends
 from monai.utils.type_conversion import convert_to_dst_type, convert_to_tensor
 from torch import nn
 
-from monai_adv.attacks import ClampMode, Direction, NetworkMode, gradient_sign_attack
+from monai_adv.attacks import (
+    ClampMode,
+    Direction,
+    LossFunction,
+    NetworkMode,
+    ZeroGradientAction,
+    ZeroInputGradientError,
+    clamp_bounds,
+    gradient_sign_attack,
+    signed_gradient_step,
+)
 
-__all__ = ["FGSM", "GradientSign", "InvFGSM"]
+__all__ = ["FGSM", "GradientSign", "InvFGSM", "check_input_gradient"]
 
-LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Values this far outside ``value_range`` (as a fraction of it) mean the range is wrong for the data.
+_RANGE_TOLERANCE = 1e-4
+_ZERO_GRADIENT_MESSAGE = (
+    "the gradient of the loss with respect to the input is zero everywhere, so the perturbation would return the "
+    "images unchanged. A common cause is softmax over a single output channel (e.g. DiceCELoss(softmax=True) with "
+    "out_channels=1): use two or more output channels, or sigmoid=True for a one-channel head."
+)
 
 
 def _epsilon_range(epsilon: float | Sequence[float]) -> tuple[float, float]:
@@ -34,6 +51,56 @@ def _epsilon_range(epsilon: float | Sequence[float]) -> tuple[float, float]:
     if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or low > high:
         raise ValueError(f"epsilon must be finite and non-negative with low <= high, got {epsilon!r}.")
     return low, high
+
+
+def check_input_gradient(
+    images: torch.Tensor,
+    gradient: torch.Tensor,
+    clamp: ClampMode = "range",
+    value_range: Sequence[float] = (0.0, 1.0),
+    on_zero_gradient: ZeroGradientAction = "raise",
+    check_finite: bool = True,
+) -> None:
+    """Check a given input gradient (and, for ``clamp="range"``, the images) with one host-device sync.
+
+    The checks :func:`monai_adv.attacks.gradient_sign_attack` makes around its own gradient pass, for a
+    gradient that came from elsewhere (e.g. a training step's backward pass). All values are gathered
+    into one tensor and read once, so that a GPU step waits for the device at most once.
+
+    Args:
+        images: the clean batch ``(B, C, *spatial)``.
+        gradient: the loss gradient with respect to ``images``.
+        clamp: as for :class:`GradientSign`; only ``"range"`` checks the image values.
+        value_range: the ``(low, high)`` the images must lie in for ``clamp="range"``.
+        on_zero_gradient: ``"raise"``, ``"warn"`` or ``"ignore"`` when the gradient is zero everywhere.
+        check_finite: refuse NaN/Inf gradients (off under a gradient scaler, whose overflowing steps it skips).
+
+    Raises:
+        ValueError: for a non-finite gradient, or images outside ``value_range``.
+        ZeroInputGradientError: for an all-zero gradient with ``on_zero_gradient="raise"``.
+    """
+    checks = [torch.isfinite(gradient).all(), gradient.ne(0).any()]
+    if clamp == "range":
+        checks += [images.detach().min(), images.detach().max()]
+    values = torch.stack([c.to(torch.float64) for c in checks]).tolist()  # the one sync
+    if check_finite and not values[0]:
+        raise ValueError(
+            f"the input gradient (shape {tuple(gradient.shape)}) has NaN or Inf values: the loss or the network's "
+            "output is not finite (check the weights, the learning rate and the images)."
+        )
+    if on_zero_gradient != "ignore" and not values[1]:
+        if on_zero_gradient == "raise":
+            raise ZeroInputGradientError(_ZERO_GRADIENT_MESSAGE)
+        warnings.warn(_ZERO_GRADIENT_MESSAGE, stacklevel=2)
+    if clamp == "range":
+        low, high = (float(v) for v in value_range)
+        tolerance = _RANGE_TOLERANCE * (high - low)
+        if values[2] < low - tolerance or values[3] > high + tolerance:
+            raise ValueError(
+                f"images have values in [{values[2]:g}, {values[3]:g}], outside value_range ({low:g}, {high:g}); "
+                "clamping would destroy them. Scale the images into the range, set value_range to the data's "
+                "range, or use clamp='image' or clamp='none'."
+            )
 
 
 def _network_device(network: nn.Module) -> torch.device:
@@ -80,7 +147,8 @@ class GradientSign(Randomizable, Transform):
     """
 
     direction: ClassVar[Direction] = "ascend"
-    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+    method: ClassVar[str] = "gradient_sign"
+    backend: ClassVar[list[TransformBackends]] = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
     def __init__(
         self,
@@ -96,7 +164,7 @@ class GradientSign(Randomizable, Transform):
         batched: bool = False,
         amp: bool = False,
         return_loss_after: bool = False,
-        on_zero_gradient: Literal["raise", "warn", "ignore"] = "raise",
+        on_zero_gradient: ZeroGradientAction = "raise",
     ) -> None:
         self.network = network
         self.loss_function = loss_function
@@ -153,6 +221,8 @@ class GradientSign(Randomizable, Transform):
         if img.ndim < min_ndim:
             expected = "(B, C, *spatial)" if self.batched else "channel-first (C, *spatial)"
             raise ValueError(f"img must be {expected}, got shape {tuple(img.shape)}.")
+        if self.batched and img.shape[0] == 0:
+            raise ValueError(f"img is an empty batch (shape {tuple(img.shape)}): there is nothing to perturb.")
 
         device = _network_device(self.network)
         # Keep the input's dtype: the core casts to the network's dtype for the forward pass only,
@@ -188,6 +258,64 @@ class GradientSign(Randomizable, Transform):
             "loss_after": result.loss_after,
         }
         out = result.images if self.batched else result.images[0]
+        return self._as_input_type(out, img)
+
+    @property
+    def single_step(self) -> bool:
+        """Whether this is the single-step form (no random start), which needs only the gradient at the image."""
+        return self.num_steps == 1 and not self.random_start
+
+    def from_gradient(
+        self, img: torch.Tensor, gradient: torch.Tensor, randomize: bool = True, validate: bool = True
+    ) -> torch.Tensor:
+        """The single step from a given input gradient, with no gradient pass of its own.
+
+        ``clamp(img + s * epsilon * sign(gradient))`` with ``s = +1`` (FGSM) or ``-1`` (InvFGSM): the
+        same result as :meth:`__call__` when ``gradient`` is the loss gradient at ``img`` (any positive
+        multiple of it: the sign is all that counts). Used by
+        :class:`monai_adv.handlers.AdversarialAugmentationHandler` to build adversarial copies from the
+        training step's own backward pass. :attr:`last_stats` holds the epsilon, and no losses.
+
+        Args:
+            img: the clean images as a torch tensor, ``(B, C, *spatial)`` with ``batched=True``.
+            gradient: the loss gradient with respect to ``img``, same shape.
+            randomize: sample a new epsilon; False reuses the last one.
+            validate: check the gradient and image range (:func:`check_input_gradient`; one host-device sync).
+
+        Returns:
+            The perturbed images, detached, as a plain tensor of ``img``'s dtype and device.
+
+        Raises:
+            ValueError: when this transform is iterative or has a random start (it needs gradients at other
+                points), for mismatched shapes, an empty batch, or what :func:`check_input_gradient` raises.
+        """
+        if not self.single_step:
+            raise ValueError(
+                f"{type(self).__name__}(num_steps={self.num_steps}, random_start={self.random_start}) needs gradients "
+                "at points other than the clean image: from_gradient only makes the single step."
+            )
+        images = convert_to_tensor(img, track_meta=False).detach()
+        gradient = convert_to_tensor(gradient, track_meta=False).detach()
+        if tuple(gradient.shape) != tuple(images.shape):
+            raise ValueError(f"gradient shape {tuple(gradient.shape)} differs from image shape {tuple(images.shape)}.")
+        if images.ndim < 2 or images.shape[0] == 0:
+            raise ValueError(f"img is empty or has no channel (shape {tuple(images.shape)}): nothing to perturb.")
+        if randomize:
+            self.randomize()
+        if validate:
+            check_input_gradient(images, gradient, self.clamp, self.value_range, self.on_zero_gradient)  # type: ignore[arg-type]
+        out = signed_gradient_step(images, gradient, self._epsilon, self.direction)
+        if self.clamp == "range":
+            out = out.clamp(float(self.value_range[0]), float(self.value_range[1]))
+        else:
+            bounds = clamp_bounds(images, self.clamp)  # type: ignore[arg-type]
+            if bounds is not None:
+                out = torch.maximum(torch.minimum(out, bounds[1]), bounds[0])
+        self.last_stats = {"epsilon": torch.tensor(self._epsilon), "loss_before": None, "loss_after": None}
+        return out
+
+    @staticmethod
+    def _as_input_type(out: torch.Tensor, img: NdarrayOrTensor) -> NdarrayOrTensor:
         output: NdarrayOrTensor = convert_to_dst_type(out, dst=img)[0]
         if isinstance(img, MetaTensor) and isinstance(output, MetaTensor):
             # The perturbation is not invertible and moves no voxel: the meta data stays valid as is.
@@ -212,6 +340,7 @@ class FGSM(GradientSign):
     """
 
     direction: ClassVar[Direction] = "ascend"
+    method: ClassVar[str] = "fgsm"
 
 
 class InvFGSM(GradientSign):
@@ -222,3 +351,4 @@ class InvFGSM(GradientSign):
     """
 
     direction: ClassVar[Direction] = "descend"
+    method: ClassVar[str] = "invfgsm"

@@ -96,7 +96,7 @@ def changed_samples(clean: torch.Tensor, augmented: torch.Tensor) -> torch.Tenso
 
 
 def test_append_doubles_the_batch_with_bounded_copies(items):
-    handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True), mode="append")
+    handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True), mode="append", fused=False)
     trainer, before, after = run_with_recorders(items, handler)
     assert len(after.batches) == 2
     for clean, augmented in zip(before.batches, after.batches):
@@ -114,7 +114,8 @@ def test_append_doubles_the_batch_with_bounded_copies(items):
 
 def test_fgsm_and_invfgsm_triple_the_batch(items):
     handler = AdversarialAugmentationHandler(
-        [FGSMd(keys="image", epsilon=EPS, batched=True), InvFGSMd(keys="image", epsilon=EPS, batched=True)]
+        [FGSMd(keys="image", epsilon=EPS, batched=True), InvFGSMd(keys="image", epsilon=EPS, batched=True)],
+        fused=False,
     )
     trainer, before, after = run_with_recorders(items, handler)
     for clean, augmented in zip(before.batches, after.batches):
@@ -172,7 +173,7 @@ def test_disabled_handler_leaves_the_batch_untouched(items):
 
 
 def test_handler_can_be_switched_on_between_epochs(items):
-    handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True), enabled=False)
+    handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True), enabled=False, fused=False)
     trainer = make_trainer(items, max_epochs=2)
     after = BatchRecorder()
     handler.attach(trainer)
@@ -183,7 +184,7 @@ def test_handler_can_be_switched_on_between_epochs(items):
 
 
 def test_start_epoch_leaves_earlier_epochs_clean(items):
-    handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True), start_epoch=2)
+    handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True), start_epoch=2, fused=False)
     _, before, after = run_with_recorders(items, handler, max_epochs=2)
     assert after.epochs == [1, 1, 2, 2]
     for epoch, clean, augmented in zip(after.epochs, before.batches, after.batches):
@@ -229,6 +230,7 @@ def test_parameter_gradients_are_those_of_the_augmented_batch(items, mode):
     handler = AdversarialAugmentationHandler(
         [FGSMd(keys="image", epsilon=EPS, batched=True), InvFGSMd(keys="image", epsilon=EPS, batched=True)],
         mode=mode,
+        fused=False,
     )
     grads, after = GradRecorder(), BatchRecorder()
     trainer = make_trainer(items, network=network, lr=0.0)  # lr 0: the weights stay those of `start`
@@ -249,7 +251,7 @@ def test_parameter_gradients_are_those_of_the_augmented_batch(items, mode):
 def test_gradient_accumulation_sums_only_the_training_gradients(items):
     network = make_net(seed=6)
     start = copy.deepcopy(network)
-    handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True))
+    handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True), fused=False)
     grads, after = GradRecorder(), BatchRecorder()
     trainer = make_trainer(items, network=network, lr=0.0, accumulation_steps=2)
     handler.attach(trainer)
@@ -269,7 +271,7 @@ def test_gradient_accumulation_sums_only_the_training_gradients(items):
 def test_metrics_are_running_epoch_means(make_square_data):
     images, labels = make_square_data(batch=6, size=SIZE, seed=4)
     items = [{"image": images[i], "label": labels[i]} for i in range(6)]  # batches of 4 and 2
-    handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True))
+    handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True), fused=False)
     per_epoch = []
     trainer = make_trainer(items, max_epochs=2)
     handler.attach(trainer)
@@ -285,7 +287,7 @@ def test_metrics_are_running_epoch_means(make_square_data):
 
 def epoch_metrics_and_log(items, transform, max_epochs):
     """Run with ``transform``; per epoch: the metrics at its end and, per iteration, (samples added, stats)."""
-    handler = AdversarialAugmentationHandler(transform)
+    handler = AdversarialAugmentationHandler(transform, fused=False)
     handler.set_random_state(seed=0)
     before, after = BatchRecorder(), BatchRecorder()
     trainer = make_trainer(items, max_epochs=max_epochs)
@@ -402,20 +404,21 @@ def test_batch_without_label_key_is_reported(items):
 # --------------------------------------------------------------------------------------------------------- MLflow
 
 
-@pytest.mark.parametrize("ours_first", [True, False], ids=["handler-first", "mlflow-first"])
-def test_params_reach_the_mlflow_run(items, tmp_path: Path, ours_first, monkeypatch):
+def test_params_reach_the_mlflow_run_through_experiment_param(items, tmp_path: Path, monkeypatch):
+    """The public route: MLFlowHandler(experiment_param=handler.params), as the bundle's tracking settings do."""
     from mlflow.tracking import MlflowClient
     from monai.handlers import MLFlowHandler
     from monai.utils import path_to_sqlite_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the handler would prefer it over tracking_uri
     uri = path_to_sqlite_uri(str(tmp_path / "m.db"))
-    mlflow_handler = MLFlowHandler(
-        tracking_uri=uri, experiment_name="handler_test", iteration_log=False, close_on_complete=True
-    )
     ours = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=0.05, batched=True), start_epoch=1)
+    mlflow_handler = MLFlowHandler(
+        tracking_uri=uri, experiment_name="handler_test", iteration_log=False, close_on_complete=True,
+        experiment_param=ours.params,
+    )  # fmt: skip
     trainer = make_trainer(items)
-    for h in ([ours, mlflow_handler] if ours_first else [mlflow_handler, ours]):
+    for h in (mlflow_handler, ours):  # MLflow first: the epoch metrics still reach it at EPOCH_COMPLETED
         h.attach(trainer)
     trainer.run()
 
@@ -428,7 +431,8 @@ def test_params_reach_the_mlflow_run(items, tmp_path: Path, ours_first, monkeypa
     assert float(params["adv_epsilon"]) == pytest.approx(0.05)
     assert params["adv_mode"] == "append"
     assert params["adv_start_epoch"] == "1"
-    assert "adv_samples" in runs[0].data.metrics
+    assert params["adv_fused"] == "True"
+    assert {"adv_samples", "adv_epsilon", "adv_loss_clean", "adv_loss_fgsm"} <= set(runs[0].data.metrics)
 
 
 # ------------------------------------------------------------------------------------------------------------ DDP
@@ -446,7 +450,8 @@ def test_ddp_wrapped_network_trains_two_epochs(items, tmp_path: Path):
         start = copy.deepcopy(inner)
         network = torch.nn.parallel.DistributedDataParallel(inner)
         handler = AdversarialAugmentationHandler(
-            [FGSMd(keys="image", epsilon=EPS, batched=True), InvFGSMd(keys="image", epsilon=EPS, batched=True)]
+            [FGSMd(keys="image", epsilon=EPS, batched=True), InvFGSMd(keys="image", epsilon=EPS, batched=True)],
+            fused=False,
         )
         after = BatchRecorder()
         calls = {"wrapper": 0, "inner": 0}
@@ -460,9 +465,9 @@ def test_ddp_wrapped_network_trains_two_epochs(items, tmp_path: Path):
         assert trainer.state.epoch == 2 and trainer.state.iteration == 4
         assert [b["image"].shape[0] for b in after.batches] == [12] * 4
         assert trainer.state.metrics["adv_samples"] == 8.0
-        # the training step goes through the DDP wrapper; the attacks (one input-gradient pass per transform and
-        # iteration) go straight to the inner module, so DDP never arms a gradient synchronisation for them
-        assert calls == {"wrapper": 4, "inner": 4 + 4 * 2}
+        # the training step goes through the DDP wrapper; the attack (one input-gradient pass per iteration, shared
+        # by FGSM and InvFGSM) goes straight to the inner module, so DDP never arms a synchronisation for it
+        assert calls == {"wrapper": 4, "inner": 4 + 4}
         moved = max(float((p - q).detach().abs().max()) for p, q in zip(inner.parameters(), start.parameters()))
         assert moved > 0, "the DDP-wrapped network did not train"
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from monai.data import MetaTensor
 from monai.losses import DiceCELoss
 from monai.transforms import Compose, EnsureTyped, ScaleIntensityd
 
-from monai_adv.transforms import FGSM, FGSMD, FGSMDict, FGSMd, GradientSignd, InvFGSM, InvFGSMD, InvFGSMDict, InvFGSMd
+from monai_adv.transforms import FGSM, FGSMD, FGSMd, FGSMDict, GradientSignd, InvFGSM, InvFGSMD, InvFGSMd, InvFGSMDict
 
 
 def dicece():
@@ -36,8 +37,10 @@ def sample(make_square_data):
 
 
 def snapshot(data: dict) -> dict:
-    return {k: (v, v.clone() if isinstance(v, torch.Tensor) else v.copy() if isinstance(v, np.ndarray) else v)
-            for k, v in data.items()}
+    return {
+        k: (v, v.clone() if isinstance(v, torch.Tensor) else v.copy() if isinstance(v, np.ndarray) else v)
+        for k, v in data.items()
+    }
 
 
 def assert_unmodified(data: dict, snap: dict) -> None:
@@ -76,11 +79,13 @@ def test_in_compose_with_ordinary_transforms_metatensor(net, sample):
     raw = MetaTensor(sample["image"] * 1000 + 50, affine=affine, meta={"filename_or_obj": "img_007.nii.gz"})
     data = {"image": raw, "label": (sample["label"] * 1).to(torch.uint8)}
     snap = snapshot(data)
-    pipeline = Compose([
-        EnsureTyped(keys=["image", "label"], dtype=torch.float32),
-        ScaleIntensityd(keys="image"),
-        FGSMd(keys="image", label_key="label", network=net, loss_function=dicece(), epsilon=0.05),
-    ])
+    pipeline = Compose(
+        [
+            EnsureTyped(keys=["image", "label"], dtype=torch.float32),
+            ScaleIntensityd(keys="image"),
+            FGSMd(keys="image", label_key="label", network=net, loss_function=dicece(), epsilon=0.05),
+        ]
+    )
     out = pipeline(data)
     assert_unmodified(data, snap)
     image = out["image"]
@@ -250,3 +255,73 @@ def test_integer_image_and_no_network(net, sample):
     t.loss_function = loss
     assert t.attack.loss_function is loss
     assert not torch.equal(t(sample)["image"], sample["image"])
+
+
+# ------------------------------------------------------------------------------------------ public surface, workers
+
+
+def test_public_surface_for_the_handler(net):
+    t = FGSMd(keys="image", network=net, loss_function=dicece(), epsilon=(0.05, 0.1), prob=0.5, batched=True)
+    assert (t.method, InvFGSMd(keys="image").method) == ("fgsm", "invfgsm")
+    assert t.params == {"epsilon": [0.05, 0.1], "num_steps": 1, "prob": 0.5, "clamp": "range"}
+    assert t.batched and t.single_step and not t.tracks_loss and not t.amp
+    t.amp = True
+    assert t.amp
+    t.set_random_state(seed=0)
+    draws = []
+    for _ in range(20):
+        t.randomize()
+        draws.append(t.applied)
+    assert any(draws) and not all(draws)
+
+
+def test_perturb_with_gradient_matches_the_call(net, make_square_data):
+    images, labels = make_square_data(batch=3, size=16, seed=2)
+    t = InvFGSMd(keys="image", network=net, loss_function=dicece(), epsilon=0.07, batched=True)
+    expected = t({"image": images, "label": labels})["image"]
+    x = images.clone().requires_grad_(True)
+    (3.0 * dicece()(net(x), labels)).backward()  # any positive multiple of the loss gives the same signs
+    out = t.perturb_with_gradient({"image": images, "label": labels}, {"image": x.grad})
+    torch.testing.assert_close(out["image"], expected, rtol=0, atol=1e-6)
+    assert t.applied and float(t.last_stats["epsilon"]) == pytest.approx(0.07)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        t.perturb_with_gradient({"image": images}, {"image": torch.full_like(images, float("nan"))})
+    with pytest.raises(ValueError, match="single step"):
+        FGSMd(keys="image", num_steps=3, batched=True).perturb_with_gradient({"image": images}, {"image": x.grad})
+
+
+def test_empty_batch_is_refused(net):
+    t = FGSMd(keys="image", network=net, loss_function=dicece(), batched=True)
+    with pytest.raises(ValueError, match="empty batch"):
+        t({"image": torch.zeros(0, 1, 8, 8), "label": torch.zeros(0, 1, 8, 8)})
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, transform, images, labels):
+        self.transform, self.images, self.labels = transform, images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = self.transform({"image": self.images[index], "label": self.labels[index]})
+        out["warnings"] = [str(w.message) for w in caught]
+        return out
+
+
+def test_warns_once_inside_a_dataloader_worker(net, make_square_data):
+    images, labels = make_square_data(batch=3, size=16, seed=1)
+    t = FGSMd(keys="image", network=net, loss_function=dicece(), epsilon=0.05)
+    loader = torch.utils.data.DataLoader(
+        _Items(t, images, labels), batch_size=None, num_workers=1, multiprocessing_context="fork"
+    )
+    messages = [item["warnings"] for item in loader]
+    assert len(messages[0]) == 1 and messages[1:] == [[], []]  # once per worker process
+    assert "DataLoader worker" in messages[0][0] and "AdversarialAugmentationHandler" in messages[0][0]
+    assert "never reach it" in messages[0][0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t({"image": images[0], "label": labels[0]})  # the main process: no warning
+    assert not [w for w in caught if "DataLoader worker" in str(w.message)]

@@ -1,0 +1,407 @@
+"""Cost of adversarial augmentation, side by side: ``python -m monai_adv.benchmark``.
+
+Times, in one process and interleaved (round by round, every configuration once per round; the
+median over rounds is reported), on the same network and batch:
+
+- a plain :class:`monai.engines.SupervisedTrainer` iteration, and the same with
+  :class:`monai_adv.handlers.AdversarialAugmentationHandler` in append mode (FGSM; FGSM + InvFGSM),
+  replace mode (fraction 0.5), attached but disabled, and before its ``start_epoch``;
+- generation by :class:`monai_adv.transforms.FGSM` against a minimal hand-written
+  ``torch.autograd.grad`` FGSM;
+- a 5-epsilon robustness sweep (one input gradient, five single steps, each evaluated) against five
+  separate attacks (each evaluated);
+- the peak memory saved for backward (and, on CUDA, the allocator's peak) of append training
+  against a plain step on the clean batch;
+- on CUDA, an augmented step under AMP (bfloat16) against float32.
+
+Each figure is printed on one line with its ratio, floor, target and whether the target is met;
+``--json`` saves them and ``--write-docs`` writes ``docs/performance.md`` with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["Figure", "main", "run_benchmark"]
+
+
+@dataclass
+class Figure:
+    """One measured figure: ``ratio`` against ``target`` (``op`` is ``"<="`` or ``">="``), with its floor."""
+
+    name: str
+    ratio: float | None
+    floor: str
+    op: str
+    target: float
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.ratio is None:
+            return None
+        return self.ratio <= self.target if self.op == "<=" else self.ratio >= self.target
+
+    def line(self) -> str:
+        ratio = "   n/a" if self.ratio is None else f"{self.ratio:6.2f}x"
+        status = {True: "met", False: "NOT met", None: "skipped"}[self.met]
+        note = f"  ({self.note})" if self.note else ""
+        return f"{self.name:<46} {ratio}  floor {self.floor:<7} target {self.op} {self.target:<5g} {status}{note}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _network(features: tuple[int, ...], device: torch.device, seed: int = 0) -> torch.nn.Module:
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(seed)
+    return BasicUNet(spatial_dims=2, in_channels=3, out_channels=2, features=features).to(device)
+
+
+def _batch(batch_size: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.rand(batch_size, 1, size, size, generator=generator) > 0.7).float()
+    images = (0.3 + 0.4 * labels + 0.1 * torch.randn(batch_size, 3, size, size, generator=generator)).clamp(0, 1)
+    return {"image": images.to(device), "label": labels.to(device)}
+
+
+def _loss():
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def _trainer(features, batch, device, iterations, handler=None, amp=False, amp_dtype=None):
+    from monai.engines import SupervisedTrainer
+
+    network = _network(features, device)
+    kwargs = {"amp": amp, "amp_kwargs": {"dtype": amp_dtype}} if amp else {}
+    return SupervisedTrainer(
+        device=device,
+        max_epochs=1,
+        train_data_loader=[batch] * iterations,
+        network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=1e-3),
+        loss_function=_loss(),
+        train_handlers=[handler] if handler is not None else None,
+        **kwargs,
+    )
+
+
+def _handler(methods: str, **kwargs):
+    from monai_adv.handlers import AdversarialAugmentationHandler
+    from monai_adv.transforms import FGSMd, InvFGSMd
+
+    made = {"fgsm": [FGSMd], "both": [FGSMd, InvFGSMd]}[methods]
+    return AdversarialAugmentationHandler([cls(keys="image", epsilon=0.03, batched=True) for cls in made], **kwargs)
+
+
+def _time(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _interleaved(cases: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each case, measured round-robin (rotated each round) after one warm-up call each."""
+    for fn in cases.values():
+        fn()
+    names = list(cases)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for index in range(rounds):
+        shift = index % len(names)  # rotate the order, so that no case always runs first or after the same one
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_time(cases[name], device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+class _SavedTensorPeak:
+    """Peak bytes of distinct storages that autograd holds for backward (activation memory, on any device)."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, tuple[int, int]] = {}  # storage pointer -> (bytes, references)
+        self.current = self.peak = 0
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor: torch.Tensor):
+        peak = self
+
+        class Holder:
+            def __init__(self, t: torch.Tensor) -> None:
+                self.t = t
+                self.key = t.untyped_storage().data_ptr()
+                size, refs = peak.live.get(self.key, (t.untyped_storage().nbytes(), 0))
+                if refs == 0:
+                    peak.current += size
+                    peak.peak = max(peak.peak, peak.current)
+                peak.live[self.key] = (size, refs + 1)
+
+            def __del__(self) -> None:
+                size, refs = peak.live.get(self.key, (0, 1))
+                if refs <= 1:
+                    peak.live.pop(self.key, None)
+                    peak.current -= size
+                else:
+                    peak.live[self.key] = (size, refs - 1)
+
+        return Holder(tensor)
+
+    @staticmethod
+    def _unpack(holder) -> torch.Tensor:
+        return holder.t
+
+
+def _peak_memory(run: Callable[[], object], device: torch.device) -> tuple[int, int | None]:
+    allocator = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    with _SavedTensorPeak() as saved:
+        run()
+    if device.type == "cuda":
+        allocator = torch.cuda.max_memory_allocated(device) - base
+    return saved.peak, allocator
+
+
+def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | None = None) -> dict:
+    """Measure every figure; returns ``{"machine": ..., "settings": ..., "figures": [...]}``.
+
+    Args:
+        quick: a small network and batch (a smoke test of the benchmark itself, not figures to report).
+        device: ``"cpu"`` or ``"cuda"``; default CUDA when available.
+        rounds: interleaved rounds (median reported); default 5 (3 with ``quick``).
+    """
+    from monai_adv.attacks import input_gradient, preserved_network_state, project_and_clamp, signed_gradient_step
+    from monai_adv.transforms import FGSM
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    features = (4, 4, 8, 8, 16, 4) if quick else (16, 16, 32, 64, 128, 16)
+    batch_size, size = (4, 32) if quick else (16, 64)
+    rounds = rounds or (3 if quick else 5)
+    iterations = 1 if quick else 2
+    batch = _batch(batch_size, size, dev)
+    warnings.filterwarnings("ignore", message=r".*start_epoch=.*after the last epoch.*")
+
+    trainers = {
+        "plain": _trainer(features, batch, dev, iterations),
+        "append fgsm": _trainer(features, batch, dev, iterations, _handler("fgsm")),
+        "append both": _trainer(features, batch, dev, iterations, _handler("both")),
+        "append fgsm (separate pass)": _trainer(features, batch, dev, iterations, _handler("fgsm", fused=False)),
+        "append both (separate pass)": _trainer(features, batch, dev, iterations, _handler("both", fused=False)),
+        "replace 0.5": _trainer(features, batch, dev, iterations, _handler("fgsm", mode="replace")),
+        "disabled": _trainer(features, batch, dev, iterations, _handler("fgsm", enabled=False)),
+        "before start_epoch": _trainer(features, batch, dev, iterations, _handler("fgsm", start_epoch=2)),
+    }
+    network = _network(features, dev).eval()
+    loss_function = _loss()
+    images, labels = batch["image"], batch["label"]
+    half = {k: v[: batch_size // 2] for k, v in batch.items()}
+    fgsm = FGSM(network, loss_function, epsilon=0.03, batched=True)
+    epsilons = [0.01, 0.02, 0.03, 0.05, 0.08]
+
+    def handwritten_fgsm():
+        x = images.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_function(network(x), labels), x)
+        return (x.detach() + 0.03 * grad.sign()).clamp(0, 1)
+
+    def attack_half():
+        with preserved_network_state(network, "eval"):
+            return input_gradient(network, loss_function, half["image"], half["label"])
+
+    def evaluate(adversarial):
+        with torch.no_grad():
+            return loss_function(network(adversarial), labels)
+
+    def separate_attacks():
+        return [evaluate(FGSM(network, loss_function, epsilon=e, batched=True)(images, labels)) for e in epsilons]
+
+    def sweep():
+        with preserved_network_state(network, "eval"):
+            gradient, _ = input_gradient(network, loss_function, images, labels)
+        bounds = (torch.zeros((), device=dev), torch.ones((), device=dev))
+        return [
+            evaluate(project_and_clamp(signed_gradient_step(images, gradient, e), images, e, bounds)) for e in epsilons
+        ]
+
+    cases: dict[str, Callable[[], object]] = {name: trainer.run for name, trainer in trainers.items()}
+    cases.update({
+        "FGSM(...)": lambda: fgsm(images, labels),
+        "hand-written FGSM": handwritten_fgsm,
+        "input gradient, half batch": attack_half,
+        "5 separate attacks": separate_attacks,
+        "5-epsilon sweep": sweep,
+    })  # fmt: skip
+    seconds = _interleaved(cases, rounds, dev)
+    step = {name: seconds[name] / iterations for name in trainers}
+    plain = step["plain"]
+    ratio = {name: value / plain for name, value in step.items()}
+
+    plain_memory = _peak_memory(trainers["plain"].run, dev)
+    append_memory = _peak_memory(trainers["append fgsm"].run, dev)
+    both_memory = _peak_memory(trainers["append both"].run, dev)
+    separate_memory = _peak_memory(trainers["append fgsm (separate pass)"].run, dev)
+
+    replace_floor = 1 + seconds["input gradient, half batch"] / plain
+    figures = [
+        Figure("append, FGSM (fused)", ratio["append fgsm"], "2.00x", "<=", 2.1),
+        Figure("append, FGSM + InvFGSM (fused)", ratio["append both"], "3.00x", "<=", 3.15),
+        Figure("replace, fraction 0.5", ratio["replace 0.5"], f"{replace_floor:.2f}x", "<=", 1.4,
+               "floor: 1 + an input-gradient pass on the replaced half, measured"),
+        Figure("attached but disabled", ratio["disabled"], "1.00x", "<=", 1.02),
+        Figure("before start_epoch", ratio["before start_epoch"], "1.00x", "<=", 1.02),
+        Figure("FGSM(...) speed vs hand-written autograd FGSM", seconds["hand-written FGSM"] / seconds["FGSM(...)"],
+               "1.00x", ">=", 1.0, "validation included"),
+        Figure("5-epsilon sweep speed vs 5 separate attacks", seconds["5 separate attacks"] / seconds["5-epsilon sweep"],
+               "-", ">=", 1.8, "each adversarial batch evaluated (one no-grad forward) in both"),
+        Figure("peak memory, append FGSM vs plain", append_memory[0] / max(plain_memory[0], 1), "1.00x", "<=", 1.15,
+               "bytes saved for backward"),
+        Figure("peak memory, append both vs plain", both_memory[0] / max(plain_memory[0], 1), "1.00x", "<=", 1.15,
+               "bytes saved for backward"),
+        Figure("(separate pass) append, FGSM", ratio["append fgsm (separate pass)"], "2.00x", "<=", 2.1,
+               "fused=False: the previous behaviour"),
+        Figure("(separate pass) append, FGSM + InvFGSM", ratio["append both (separate pass)"], "3.00x", "<=", 3.15,
+               "fused=False, one shared input-gradient pass"),
+        Figure("(separate pass) peak memory, append FGSM", separate_memory[0] / max(plain_memory[0], 1), "1.00x",
+               "<=", 1.15, "fused=False trains on the concatenated batch"),
+    ]  # fmt: skip
+    if dev.type == "cuda":
+        figures.append(
+            Figure("peak allocator memory, append FGSM vs plain (CUDA)", append_memory[1] / max(plain_memory[1], 1),
+                   "1.00x", "<=", 1.15)
+        )  # fmt: skip
+        amp_cases = {
+            "fp32": _trainer(features, batch, dev, iterations, _handler("fgsm")).run,
+            "bf16": _trainer(
+                features, batch, dev, iterations, _handler("fgsm"), amp=True, amp_dtype=torch.bfloat16
+            ).run,
+        }
+        amp_seconds = _interleaved(amp_cases, rounds, dev)
+        figures.append(Figure("AMP bf16 augmented step speed vs fp32 (CUDA)", amp_seconds["fp32"] / amp_seconds["bf16"],
+                              "-", ">=", 1.8))  # fmt: skip
+    else:
+        figures.append(Figure("AMP bf16 augmented step speed vs fp32 (CUDA)", None, "-", ">=", 1.8, "no GPU here"))
+    return {
+        "machine": _machine(dev),
+        "settings": {
+            "quick": quick,
+            "network": f"BasicUNet 2D, in 3, out 2, features {list(features)}",
+            "batch": f"{batch_size} x 3 x {size} x {size}",
+            "optimizer": "SGD, SupervisedTrainer",
+            "rounds": rounds,
+            "iterations_per_round": iterations,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "seconds": seconds,
+        "figures": [{**asdict(f), "met": f.met} for f in figures],
+    }
+
+
+def _machine(device: torch.device) -> dict:
+    import monai
+
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return machine
+
+
+def _markdown(result: dict, command: str, note: str = "") -> str:
+    lines = [
+        "# Performance",
+        "",
+        f"Generated by `{command}`; do not edit by hand.",
+        "",
+        "## Machine",
+        "",
+        *[f"- {key}: {value}" for key, value in result["machine"].items()],
+        *[f"- {key}: {value}" for key, value in result["settings"].items()],
+        "",
+        "## Figures (ratios of medians over interleaved rounds)",
+        "",
+        "| figure | ratio | floor | target | met |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for f in result["figures"]:
+        ratio = "n/a" if f["ratio"] is None else f"{f['ratio']:.2f}x"
+        met = {True: "yes", False: "**no**", None: "skipped"}[f["met"]]
+        remark = f" ({f['note']})" if f["note"] else ""
+        lines.append(f"| {f['name']}{remark} | {ratio} | {f['floor']} | {f['op']} {f['target']:g} | {met} |")
+    lines += [
+        "",
+        "## What the fast mode computes",
+        "",
+        "The handler's default (`fused=True`) builds append-mode copies from the input gradient of the training",
+        "step's own backward pass: the attack is taken at the weights before this step's update, in train mode",
+        "(the trainer's forward), and FGSM and InvFGSM share that one gradient. The copies' loss is added at",
+        "`IterationEvents.BACKWARD_COMPLETED` with the weights of one concatenated batch, one forward/backward per",
+        "copy, so the update equals a step on the concatenated batch (for sample-averaged losses and networks",
+        "whose samples do not interact, such as BasicUNet with instance norm), at the memory of a plain step.",
+        "`fused=False` restores separate attack passes (in the transform's `network_mode`, `eval` by default)",
+        "and a concatenated batch; replace mode always attacks the chosen half in a separate pass.",
+        "",
+    ]
+    if note:
+        lines += [f"Note: {note}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns 0 (targets not met are reported, not errors)."""
+    parser = argparse.ArgumentParser(prog="python -m monai_adv.benchmark", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small network and batch (smoke test)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (median reported)")
+    parser.add_argument("--json", dest="json_path", default=None, help="save the figures to this JSON file")
+    parser.add_argument(
+        "--write-docs", nargs="?", const="docs/performance.md", default=None, help="write docs/performance.md"
+    )
+    parser.add_argument("--note", default="", help="a remark written into the docs page (e.g. a busy machine)")
+    args = parser.parse_args(argv)
+    result = run_benchmark(quick=args.quick, device=args.device, rounds=args.rounds)
+    print(f"# {result['settings']['network']}, batch {result['settings']['batch']}, on {result['machine']['device']}")
+    for f in result["figures"]:
+        print(Figure(**{k: v for k, v in f.items() if k != "met"}).line())
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=2))
+    if args.write_docs:
+        command = "python -m monai_adv.benchmark --write-docs" + (" --quick" if args.quick else "")
+        command += f" --note {json.dumps(args.note)}" if args.note else ""
+        Path(args.write_docs).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write_docs).write_text(_markdown(result, command, args.note))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -195,7 +195,7 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
         device: ``"cpu"`` or ``"cuda"``; default CUDA when available.
         rounds: interleaved rounds (median reported); default 5 (3 with ``quick``).
     """
-    from monai_adv.attacks import input_gradient, preserved_network_state, project_and_clamp, signed_gradient_step
+    from monai_adv.attacks import gradient_sign_sweep, input_gradient, preserved_network_state
     from monai_adv.transforms import FGSM
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -240,12 +240,8 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
         return [evaluate(FGSM(network, loss_function, epsilon=e, batched=True)(images, labels)) for e in epsilons]
 
     def sweep():
-        with preserved_network_state(network, "eval"):
-            gradient, _ = input_gradient(network, loss_function, images, labels)
-        bounds = (torch.zeros((), device=dev), torch.ones((), device=dev))
-        return [
-            evaluate(project_and_clamp(signed_gradient_step(images, gradient, e), images, e, bounds)) for e in epsilons
-        ]
+        batches = gradient_sign_sweep(network, loss_function, images, labels, epsilons)["ascend"]
+        return [evaluate(adversarial) for adversarial in batches]
 
     cases: dict[str, Callable[[], object]] = {name: trainer.run for name, trainer in trainers.items()}
     cases.update({

@@ -34,13 +34,13 @@ class GradientSignd(RandomizableTransform, MapTransform):
     with probability ``prob`` per call (seeded by :meth:`set_random_state`), else the data is
     returned untouched. All keys share the epsilon sampled for the call. The input mapping is
     not modified: a new dictionary is returned, and on an error nothing is half-written.
+    The arguments ``network``, ``loss_function``, ``epsilon``, ``num_steps``, ``step_size``,
+    ``random_start``, ``clamp``, ``value_range``, ``network_mode``, ``batched``, ``amp``,
+    ``return_loss_after`` and ``on_zero_gradient`` are as for :class:`monai_adv.transforms.GradientSign`.
 
     Args:
         keys: keys of the images to perturb.
         label_key: key of the label the loss is measured against.
-        network, loss_function, epsilon, num_steps, step_size, random_start, clamp, value_range,
-        network_mode, batched, amp, return_loss_after, on_zero_gradient: as for
-            :class:`monai_adv.transforms.GradientSign`.
         prob: probability of perturbing the data at each call.
         allow_missing_keys: skip image keys that are missing instead of raising.
 

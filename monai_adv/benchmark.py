@@ -316,6 +316,113 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
     }
 
 
+def _resident_bytes() -> int | None:
+    """The process's resident memory now (Linux ``/proc/self/statm``), or None where it cannot be read."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_soak(iterations: int = 500, quick: bool = False, device: str | None = None, sample_every: int = 10) -> dict:
+    """Train ``iterations`` augmented iterations (fused append, FGSM + InvFGSM) and record memory as it goes.
+
+    A fresh batch is drawn every iteration (as a data loader would give), the handler's epoch metrics are
+    kept, and epochs are 50 iterations long, so per-iteration and per-epoch state both get the chance to
+    accumulate. Memory is the process's resident set (and, on CUDA, the allocator's current bytes),
+    sampled every ``sample_every`` iterations. "Flat" compares the median of the last fifth of the samples
+    with the median of the second fifth (the first fifth is warm-up: allocator pools, lazy imports).
+
+    Args:
+        iterations: augmented training iterations in total.
+        quick: the small network and batch of ``run_benchmark(quick=True)``.
+        device: ``"cpu"`` or ``"cuda"``; default CUDA when available.
+        sample_every: iterations between memory samples.
+
+    Returns:
+        ``{"machine", "settings", "samples": [(iteration, resident_bytes, cuda_bytes)], "figure": {...}}``.
+    """
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    features = (4, 4, 8, 8, 16, 4) if quick else (16, 16, 32, 64, 128, 16)
+    batch_size, size = (4, 32) if quick else (16, 64)
+    epoch_length = min(50, iterations)
+    network = _network(features, dev)
+    generator = torch.Generator().manual_seed(0)
+
+    def batches():
+        for _ in range(epoch_length):
+            labels = (torch.rand(batch_size, 1, size, size, generator=generator) > 0.7).float()
+            noise = 0.1 * torch.randn(batch_size, 3, size, size, generator=generator)
+            yield {"image": (0.3 + 0.4 * labels + noise).clamp(0, 1), "label": labels}
+
+    class _Loader:
+        def __iter__(self):
+            return batches()
+
+        def __len__(self) -> int:
+            return epoch_length
+
+    trainer = SupervisedTrainer(
+        device=dev,
+        max_epochs=-(-iterations // epoch_length),
+        epoch_length=epoch_length,
+        train_data_loader=_Loader(),
+        network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=1e-3),
+        loss_function=_loss(),
+        train_handlers=[_handler("both")],
+    )
+    samples: list[tuple[int, int | None, int | None]] = []
+
+    @trainer.on(Events.ITERATION_COMPLETED(every=sample_every))
+    def _sample(engine) -> None:
+        _sync(dev)
+        cuda = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
+        samples.append((engine.state.iteration, _resident_bytes(), cuda))
+
+    @trainer.on(Events.ITERATION_COMPLETED(once=iterations))
+    def _stop(engine) -> None:
+        engine.terminate()
+
+    trainer.run()
+    fifth = max(1, len(samples) // 5)
+
+    def median_of(part: list[tuple[int, int | None, int | None]], index: int) -> float | None:
+        values = [s[index] for s in part if s[index] is not None]
+        return statistics.median(values) if values else None
+
+    early, late = samples[fifth : 2 * fifth], samples[-fifth:]
+    resident_early, resident_late = median_of(early, 1), median_of(late, 1)
+    growth = resident_late / resident_early if resident_early and resident_late else None
+    figure = Figure(
+        f"soak: resident memory after {iterations} augmented iterations",
+        growth,
+        "1.00x",
+        "<=",
+        1.05,
+        "median of the last fifth of the samples vs the second fifth",
+    )
+    if dev.type == "cuda":
+        cuda_early, cuda_late = median_of(early, 2), median_of(late, 2)
+        figure.note += f"; CUDA allocated {cuda_early or 0:.0f} -> {cuda_late or 0:.0f} bytes"
+    return {
+        "machine": _machine(dev),
+        "settings": {
+            "network": f"BasicUNet 2D, in 3, out 2, features {list(features)}",
+            "batch": f"{batch_size} x 3 x {size} x {size}",
+            "handler": "fused append, FGSM + InvFGSM",
+            "iterations": iterations,
+            "epoch_length": epoch_length,
+        },
+        "samples": samples,
+        "figure": {**asdict(figure), "met": figure.met},
+    }
+
+
 def _machine(device: torch.device) -> dict:
     import monai
 
@@ -384,7 +491,24 @@ def main(argv: list[str] | None = None) -> int:
         "--write-docs", nargs="?", const="docs/performance.md", default=None, help="write docs/performance.md"
     )
     parser.add_argument("--note", default="", help="a remark written into the docs page (e.g. a busy machine)")
+    parser.add_argument(
+        "--soak",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead of the figures: N augmented iterations, checking that memory stays flat (e.g. 500)",
+    )
     args = parser.parse_args(argv)
+    if args.soak is not None:
+        soak = run_soak(iterations=args.soak, quick=args.quick, device=args.device)
+        print(f"# {soak['settings']['network']}, batch {soak['settings']['batch']}, on {soak['machine']['device']}")
+        for iteration, resident, cuda in soak["samples"][:: max(1, len(soak["samples"]) // 10)]:
+            extra = f", CUDA {cuda / 2**20:.1f} MiB" if cuda is not None else ""
+            print(f"iteration {iteration:>5}: resident {resident / 2**20 if resident else float('nan'):.1f} MiB{extra}")
+        print(Figure(**{k: v for k, v in soak["figure"].items() if k != "met"}).line())
+        if args.json_path:
+            Path(args.json_path).write_text(json.dumps(soak, indent=2))
+        return 0
     result = run_benchmark(quick=args.quick, device=args.device, rounds=args.rounds)
     print(f"# {result['settings']['network']}, batch {result['settings']['batch']}, on {result['machine']['device']}")
     for f in result["figures"]:

@@ -52,3 +52,19 @@ def test_quick_benchmark_prints_saves_and_documents_every_figure(tmp_path: Path)
     assert all(f"| {name}" in docs for name in EXPECTED)
     assert result["machine"]["platform"] in docs
     assert "Note:" not in docs  # no --note given
+
+
+def test_soak_samples_memory_through_a_real_augmented_training(tmp_path: Path):
+    """``--soak N`` trains N fused-append iterations and reports resident memory samples and the growth figure."""
+    json_path = tmp_path / "soak.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "monai_adv.benchmark", "--soak", "30", "--quick", "--device", "cpu"]
+    command += ["--json", str(json_path)]
+    done = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("soak: resident memory after 30 ")]
+    assert "target <= 1.05" in line
+    soak = json.loads(json_path.read_text())
+    assert [s[0] for s in soak["samples"]] == [10, 20, 30]  # stopped after exactly 30 iterations
+    assert all(s[1] > 0 for s in soak["samples"])
+    assert soak["figure"]["ratio"] > 0 and soak["figure"]["met"] in (True, False)

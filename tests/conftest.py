@@ -1,9 +1,19 @@
-"""Shared, generic test helpers: tiny deterministic networks and synthetic segmentation data."""
+"""Shared, generic test helpers: tiny deterministic networks, synthetic segmentation data, losses and a reference
+FGSM.
+
+Test modules reach them through fixtures (``make_tiny_net``, ``make_dicece``, ``reference_fgsm``, ``loss_case``...):
+``import conftest`` would be ambiguous next to ``tests/bundle/conftest.py``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import pytest
 import torch
+from monai.losses import DiceCELoss, DiceLoss
+from monai.networks.nets import BasicUNet
 from torch import nn
 
 
@@ -51,6 +61,102 @@ def square_data(
         labels[index] = 1
     images = 0.2 + 0.6 * labels + noise * torch.randn(shape, generator=gen, dtype=dtype)
     return images.clamp(0, 1), labels
+
+
+BASIC_UNET_FEATURES = (4, 4, 8, 8, 16, 4)
+
+
+def basic_unet(seed: int = 0) -> BasicUNet:
+    """A small 2D MONAI BasicUNet (1 channel in, 2 out) with deterministic weights; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=BASIC_UNET_FEATURES)
+
+
+def dicece() -> DiceCELoss:
+    """Dice + cross-entropy on softmax outputs with index labels ``(B, 1, *spatial)``."""
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def _reference_input_grad(net, loss_fn, images, labels) -> torch.Tensor:
+    """Independent input gradient of ``loss_fn(net(images), labels)`` with plain autograd."""
+    x = images.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_fn(net(x), labels), x)
+    return grad
+
+
+def _reference_fgsm(net, loss_fn, images, labels, eps, sign, clamp=(0.0, 1.0)) -> torch.Tensor:
+    """Independent FGSM (``sign=+1``) / Inverse FGSM (``sign=-1``): ``clamp(x + sign * eps * sign(grad))``."""
+    adv = images.detach() + sign * eps * _reference_input_grad(net, loss_fn, images, labels).sign()
+    return adv if clamp is None else torch.clamp(adv, clamp[0], clamp[1])
+
+
+class LossCase(NamedTuple):
+    """A loss with the network output channels and the label layout it expects."""
+
+    name: str
+    make_loss: Callable[[], nn.Module]
+    out_channels: int
+    labels: Callable[[torch.Tensor], torch.Tensor]  # mask (B, 1, *spatial) in {0, 1} -> labels for the loss
+
+
+def _channel_labels(mask: torch.Tensor) -> torch.Tensor:
+    return mask.clone()
+
+
+def _index_labels_without_channel(mask: torch.Tensor) -> torch.Tensor:
+    return mask[:, 0].long()
+
+
+LOSS_CASES = {
+    case.name: case
+    for case in (
+        LossCase("cross_entropy", lambda: nn.CrossEntropyLoss(), 2, _index_labels_without_channel),
+        LossCase("dice_sigmoid", lambda: DiceLoss(sigmoid=True), 1, _channel_labels),
+        LossCase("dicece_softmax", dicece, 2, _channel_labels),
+    )
+}
+
+
+@pytest.fixture(params=sorted(LOSS_CASES))
+def loss_case(request) -> LossCase:
+    """Parametrizes a test over the segmentation losses: ``loss_case.make_loss()``, ``loss_case.out_channels``,
+    ``loss_case.labels(mask)``."""
+    return LOSS_CASES[request.param]
+
+
+@pytest.fixture(scope="session")
+def make_dicece():
+    """Factory fixture: ``make_dicece() -> DiceCELoss(to_onehot_y=True, softmax=True)``."""
+    return dicece
+
+
+@pytest.fixture(scope="session")
+def reference_fgsm():
+    """``reference_fgsm(net, loss_fn, images, labels, eps, sign, clamp=(0.0, 1.0)) -> adversarial images``,
+    computed independently of ``monai_adv``."""
+    return _reference_fgsm
+
+
+@pytest.fixture(scope="session")
+def reference_input_grad():
+    """``reference_input_grad(net, loss_fn, images, labels) -> d loss / d images``, independent of ``monai_adv``."""
+    return _reference_input_grad
+
+
+@pytest.fixture(scope="session")
+def make_basic_unet():
+    """Factory fixture: ``make_basic_unet(seed=0)``, a small 2D BasicUNet (1 -> 2 channels)."""
+    return basic_unet
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (tiny convolutions run faster and steadier on a busy machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 from monai.losses import DiceCELoss, DiceLoss
-from monai.networks.nets import BasicUNet
 from torch import nn
 
 from monai_adv.attacks import (
@@ -25,37 +24,6 @@ from monai_adv.attacks import (
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-
-# name -> (loss factory, network output channels, label kind)
-LOSS_CASES = {
-    "dicece_softmax": (lambda: DiceCELoss(to_onehot_y=True, softmax=True), 2, "index_channel"),
-    "dice_sigmoid": (lambda: DiceLoss(sigmoid=True), 1, "binary_channel"),
-    "cross_entropy": (lambda: nn.CrossEntropyLoss(), 2, "index_nochannel"),
-}
-
-
-def make_labels(mask: torch.Tensor, kind: str) -> torch.Tensor:
-    """``mask``: (B, 1, *spatial) in {0, 1}."""
-    if kind == "index_nochannel":
-        return mask[:, 0].long()
-    return mask.clone()
-
-
-def reference_attack(net, loss_fn, images, labels, eps, sign, clamp=(0.0, 1.0)):
-    """Independent FGSM (sign=+1) / Inverse FGSM (sign=-1) with plain autograd."""
-    x = images.detach().clone().requires_grad_(True)
-    loss = loss_fn(net(x), labels)
-    (grad,) = torch.autograd.grad(loss, x)
-    adv = x.detach() + sign * eps * grad.sign()
-    if clamp is not None:
-        adv = torch.clamp(adv, clamp[0], clamp[1])
-    return adv, grad
-
-
-def reference_grad(net, loss_fn, images, labels):
-    x = images.detach().clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(loss_fn(net(x), labels), x)
-    return grad
 
 
 class Scale(nn.Module):
@@ -101,19 +69,20 @@ def train_tiny_net(net, images, labels, loss_fn, steps=30, lr=0.05):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", sorted(LOSS_CASES))
 @pytest.mark.parametrize("direction,sign", [("ascend", 1.0), ("descend", -1.0)])
 @pytest.mark.parametrize("eps", [0.05, 0.1, 0.3])
-def test_matches_reference_float32(make_tiny_net, make_square_data, case, direction, sign, eps):
-    loss_factory, out_channels, kind = LOSS_CASES[case]
+def test_matches_reference_float32(
+    make_tiny_net, make_square_data, reference_fgsm, reference_input_grad, loss_case, direction, sign, eps
+):
     torch.manual_seed(0)
-    net = make_tiny_net(out_channels=out_channels, seed=1).eval()
+    net = make_tiny_net(out_channels=loss_case.out_channels, seed=1).eval()
     images, mask = make_square_data(batch=2, size=16, seed=2)
-    labels = make_labels(mask, kind)
-    loss_fn = loss_factory()
+    labels = loss_case.labels(mask)
+    loss_fn = loss_case.make_loss()
 
     result = gradient_sign_attack(net, loss_fn, images, labels, eps, direction=direction)
-    expected, grad = reference_attack(net, loss_fn, images, labels, eps, sign)
+    expected = reference_fgsm(net, loss_fn, images, labels, eps, sign)
+    grad = reference_input_grad(net, loss_fn, images, labels)
 
     assert isinstance(result, AttackResult)
     assert bool((grad != 0).any())
@@ -126,60 +95,59 @@ def test_matches_reference_float32(make_tiny_net, make_square_data, case, direct
     assert result.loss_after is None
 
 
-@pytest.mark.parametrize("case", sorted(LOSS_CASES))
 @pytest.mark.parametrize("direction,sign", [("ascend", 1.0), ("descend", -1.0)])
-def test_matches_reference_float64_dyadic_epsilon(make_tiny_net, make_square_data, case, direction, sign):
+def test_matches_reference_float64_dyadic_epsilon(
+    make_tiny_net, make_square_data, reference_fgsm, loss_case, direction, sign
+):
     # epsilon = 2**-4 is exact in every float format, so this isolates the gradient-sign logic.
-    loss_factory, out_channels, kind = LOSS_CASES[case]
-    net = make_tiny_net(out_channels=out_channels, seed=3, dtype=torch.float64).eval()
+    net = make_tiny_net(out_channels=loss_case.out_channels, seed=3, dtype=torch.float64).eval()
     images, mask = make_square_data(batch=3, size=16, seed=4, dtype=torch.float64)
-    labels = make_labels(mask, kind)
-    loss_fn = loss_factory()
+    labels = loss_case.labels(mask)
+    loss_fn = loss_case.make_loss()
     result = gradient_sign_attack(net, loss_fn, images, labels, 0.0625, direction=direction)
-    expected, _ = reference_attack(net, loss_fn, images, labels, 0.0625, sign)
+    expected = reference_fgsm(net, loss_fn, images, labels, 0.0625, sign)
     assert result.images.dtype == torch.float64
     assert torch.equal(result.images, expected)
 
 
-def test_float64_epsilon_is_not_rounded_to_float32(make_tiny_net, make_square_data):
+def test_float64_epsilon_is_not_rounded_to_float32(make_tiny_net, make_square_data, reference_fgsm):
     net = make_tiny_net(seed=3, dtype=torch.float64).eval()
     images, mask = make_square_data(batch=2, size=16, seed=4, dtype=torch.float64)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     result = gradient_sign_attack(net, loss_fn, images, mask, 0.1, clamp="none")
-    expected, _ = reference_attack(net, loss_fn, images, mask, 0.1, 1.0, clamp=None)
+    expected = reference_fgsm(net, loss_fn, images, mask, 0.1, 1.0, clamp=None)
     # float64 rounding of (x + 0.1) - x only; float32(0.1) would overshoot by 1.5e-9.
     assert (result.images - images).abs().max().item() <= 0.1 + 1e-15
     assert torch.equal(result.images, expected)
 
 
-def test_matches_reference_basic_unet(make_square_data):
-    torch.manual_seed(0)
-    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4)).eval()
+def test_matches_reference_basic_unet(make_basic_unet, make_square_data, reference_fgsm):
+    net = make_basic_unet(seed=0).eval()
     images, mask = make_square_data(batch=2, size=32, seed=5)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     for direction, sign in (("ascend", 1.0), ("descend", -1.0)):
         result = gradient_sign_attack(net, loss_fn, images, mask, 0.03, direction=direction)
-        expected, _ = reference_attack(net, loss_fn, images, mask, 0.03, sign)
+        expected = reference_fgsm(net, loss_fn, images, mask, 0.03, sign)
         assert torch.equal(result.images, expected)
 
 
-def test_deep_supervision_uses_first_output(make_tiny_net, make_square_data):
+def test_deep_supervision_uses_first_output(make_tiny_net, make_square_data, reference_fgsm):
     inner = make_tiny_net(seed=6).eval()
     net = DeepSupervision(inner)
     images, mask = make_square_data(seed=6)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     result = gradient_sign_attack(net, loss_fn, images, mask, 0.1)
-    expected, _ = reference_attack(inner, loss_fn, images, mask, 0.1, 1.0)
+    expected = reference_fgsm(inner, loss_fn, images, mask, 0.1, 1.0)
     assert torch.equal(result.images, expected)
 
 
-def test_pieces_compose_to_the_attack(make_tiny_net, make_square_data):
+def test_pieces_compose_to_the_attack(make_tiny_net, make_square_data, reference_input_grad):
     net = make_tiny_net(seed=7).eval()
     images, mask = make_square_data(seed=7)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     grad, loss = input_gradient(net, loss_fn, images, mask)
     assert grad.shape == images.shape and grad.grad_fn is None and loss.grad_fn is None
-    torch.testing.assert_close(grad, reference_grad(net, loss_fn, images, mask), rtol=0, atol=0)
+    torch.testing.assert_close(grad, reference_input_grad(net, loss_fn, images, mask), rtol=0, atol=0)
     step = signed_gradient_step(images, grad, 0.1, "ascend")
     adv = project_and_clamp(step, images, 0.1, clamp_bounds(images, "range", (0.0, 1.0)))
     assert torch.equal(adv, gradient_sign_attack(net, loss_fn, images, mask, 0.1).images)
@@ -197,13 +165,15 @@ TOL32 = 1e-6  # float32 rounding of (x + d) - x for x in [0, 1]
 
 
 @pytest.mark.parametrize("direction", ["ascend", "descend"])
-def test_single_step_moves_exactly_epsilon_where_gradient_nonzero(make_tiny_net, make_square_data, direction):
+def test_single_step_moves_exactly_epsilon_where_gradient_nonzero(
+    make_tiny_net, make_square_data, reference_input_grad, direction
+):
     net = nn.Sequential(MaskLeftHalf(), make_tiny_net(seed=8)).eval()
     images, mask = make_square_data(batch=2, size=16, seed=8)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     eps = 0.07
     result = gradient_sign_attack(net, loss_fn, images, mask, eps, direction=direction, clamp="none")
-    grad = reference_grad(net, loss_fn, images, mask)
+    grad = reference_input_grad(net, loss_fn, images, mask)
     delta = result.images - images
     zero = grad == 0
     assert bool(zero.any()) and bool((~zero).any())
@@ -496,11 +466,10 @@ def test_zero_input_gradient(make_tiny_net, make_square_data):
     assert torch.equal(result.images, images)
 
 
-def test_amp_on_cpu_moves_pixels_by_epsilon(make_square_data):
+def test_amp_on_cpu_moves_pixels_by_epsilon(make_basic_unet, make_square_data):
     """autocast on the CPU (bfloat16): the scaled-loss gradient path still gives signed steps almost everywhere
     (a few pixels' gradients cancel exactly in bfloat16)."""
-    torch.manual_seed(0)
-    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4)).eval()
+    net = make_basic_unet(seed=0).eval()
     images, mask = make_square_data(batch=2, size=32, seed=5)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     result = gradient_sign_attack(net, loss_fn, images, mask, 0.05, clamp="none", amp=True)

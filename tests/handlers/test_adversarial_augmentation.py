@@ -11,34 +11,16 @@ from ignite.engine import Events
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
-from monai.losses import DiceCELoss
-from monai.networks.nets import BasicUNet
 
 from monai_adv.handlers import AdversarialAugmentationHandler
 from monai_adv.transforms import FGSMd, InvFGSMd
 
-FEATURES = (4, 4, 8, 8, 16, 4)
 SIZE = 32
 EPS = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run much faster (and steadier on a busy 2-core machine) on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def make_net(seed: int = 0) -> BasicUNet:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=FEATURES)
-
-
-def dicece() -> DiceCELoss:
-    return DiceCELoss(to_onehot_y=True, softmax=True)
+# tiny convolutions run much faster (and steadier on a busy 2-core machine) on one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -47,18 +29,23 @@ def items(make_square_data):
     return [{"image": images[i], "label": labels[i], "id": f"case_{i}"} for i in range(8)]
 
 
-def make_trainer(items, network=None, batch_size=4, max_epochs=1, lr=0.0, accumulation_steps=1, optimizer=None):
+@pytest.fixture
+def make_trainer(make_basic_unet, make_dicece):
     """A CPU SupervisedTrainer over ``items`` (not shuffled); SGD with ``lr=0`` by default keeps the weights fixed."""
-    network = network if network is not None else make_net()
-    return SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=max_epochs,
-        train_data_loader=DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=0),
-        network=network,
-        optimizer=optimizer or torch.optim.SGD(network.parameters(), lr=lr),
-        loss_function=dicece(),
-        accumulation_steps=accumulation_steps,
-    )
+
+    def _make_trainer(items, network=None, batch_size=4, max_epochs=1, lr=0.0, accumulation_steps=1, optimizer=None):
+        network = network if network is not None else make_basic_unet()
+        return SupervisedTrainer(
+            device=torch.device("cpu"),
+            max_epochs=max_epochs,
+            train_data_loader=DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=0),
+            network=network,
+            optimizer=optimizer or torch.optim.SGD(network.parameters(), lr=lr),
+            loss_function=make_dicece(),
+            accumulation_steps=accumulation_steps,
+        )
+
+    return _make_trainer
 
 
 class BatchRecorder:
@@ -77,15 +64,19 @@ class BatchRecorder:
         self.epochs.append(engine.state.epoch)
 
 
-def run_with_recorders(items, handler, **kwargs):
-    """Trainer with recorders around ``handler``: (trainer, clean batches, augmented batches)."""
-    before, after = BatchRecorder(), BatchRecorder()
-    trainer = make_trainer(items, **kwargs)
-    before.attach(trainer)
-    handler.attach(trainer)
-    after.attach(trainer)
-    trainer.run()
-    return trainer, before, after
+@pytest.fixture
+def run_with_recorders(make_trainer):
+    def _run_with_recorders(items, handler, **kwargs):
+        """Trainer with recorders around ``handler``: (trainer, clean batches, augmented batches)."""
+        before, after = BatchRecorder(), BatchRecorder()
+        trainer = make_trainer(items, **kwargs)
+        before.attach(trainer)
+        handler.attach(trainer)
+        after.attach(trainer)
+        trainer.run()
+        return trainer, before, after
+
+    return _run_with_recorders
 
 
 def changed_samples(clean: torch.Tensor, augmented: torch.Tensor) -> torch.Tensor:
@@ -95,7 +86,7 @@ def changed_samples(clean: torch.Tensor, augmented: torch.Tensor) -> torch.Tenso
 # ----------------------------------------------------------------------------------------------- batch rewriting
 
 
-def test_append_doubles_the_batch_with_bounded_copies(items):
+def test_append_doubles_the_batch_with_bounded_copies(items, run_with_recorders):
     handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True), mode="append", fused=False)
     trainer, before, after = run_with_recorders(items, handler)
     assert len(after.batches) == 2
@@ -112,7 +103,7 @@ def test_append_doubles_the_batch_with_bounded_copies(items):
     assert len(trainer.state.output) == 8
 
 
-def test_fgsm_and_invfgsm_triple_the_batch(items):
+def test_fgsm_and_invfgsm_triple_the_batch(items, run_with_recorders):
     handler = AdversarialAugmentationHandler(
         [FGSMd(keys="image", epsilon=EPS, batched=True), InvFGSMd(keys="image", epsilon=EPS, batched=True)],
         fused=False,
@@ -130,7 +121,7 @@ def test_fgsm_and_invfgsm_triple_the_batch(items):
 
 
 @pytest.mark.parametrize("fraction,expected", [(0.25, 1), (0.5, 2), (0.75, 3), (1.0, 4)])
-def test_replace_keeps_size_and_changes_exactly_a_fraction(items, fraction, expected):
+def test_replace_keeps_size_and_changes_exactly_a_fraction(items, fraction, expected, run_with_recorders):
     handler = AdversarialAugmentationHandler(
         FGSMd(keys="image", epsilon=EPS, batched=True), mode="replace", replace_fraction=fraction
     )
@@ -148,7 +139,7 @@ def test_replace_keeps_size_and_changes_exactly_a_fraction(items, fraction, expe
         torch.testing.assert_close(before.batches[0]["image"][i], item["image"], rtol=0, atol=0)
 
 
-def test_replace_with_both_transforms_splits_the_chosen_samples(items):
+def test_replace_with_both_transforms_splits_the_chosen_samples(items, run_with_recorders):
     handler = AdversarialAugmentationHandler(
         [FGSMd(keys="image", epsilon=EPS, batched=True, return_loss_after=True),
          InvFGSMd(keys="image", epsilon=EPS, batched=True, return_loss_after=True)],
@@ -162,7 +153,7 @@ def test_replace_with_both_transforms_splits_the_chosen_samples(items):
     assert {"adv_loss_fgsm", "adv_loss_invfgsm"} <= set(trainer.state.metrics)
 
 
-def test_disabled_handler_leaves_the_batch_untouched(items):
+def test_disabled_handler_leaves_the_batch_untouched(items, run_with_recorders):
     handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True), enabled=False)
     trainer, before, after = run_with_recorders(items, handler)
     for clean, augmented in zip(before.batches, after.batches):
@@ -172,7 +163,7 @@ def test_disabled_handler_leaves_the_batch_untouched(items):
     assert "adv_samples" not in trainer.state.metrics
 
 
-def test_handler_can_be_switched_on_between_epochs(items):
+def test_handler_can_be_switched_on_between_epochs(items, make_trainer):
     handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True), enabled=False, fused=False)
     trainer = make_trainer(items, max_epochs=2)
     after = BatchRecorder()
@@ -183,7 +174,7 @@ def test_handler_can_be_switched_on_between_epochs(items):
     assert [b["image"].shape[0] for b in after.batches] == [4, 4, 8, 8]
 
 
-def test_start_epoch_leaves_earlier_epochs_clean(items):
+def test_start_epoch_leaves_earlier_epochs_clean(items, run_with_recorders):
     handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True), start_epoch=2, fused=False)
     _, before, after = run_with_recorders(items, handler, max_epochs=2)
     assert after.epochs == [1, 1, 2, 2]
@@ -210,11 +201,15 @@ class GradRecorder:
         self.grads.append([p.grad.detach().clone() for p in engine.network.parameters()])
 
 
-def reference_grads(network, batch) -> list[torch.Tensor]:
-    network = copy.deepcopy(network).train()
-    network.zero_grad(set_to_none=True)
-    dicece()(network(batch["image"]), batch["label"]).mean().backward()
-    return [p.grad.detach().clone() for p in network.parameters()]
+@pytest.fixture
+def reference_grads(make_dicece):
+    def _reference_grads(network, batch) -> list[torch.Tensor]:
+        network = copy.deepcopy(network).train()
+        network.zero_grad(set_to_none=True)
+        make_dicece()(network(batch["image"]), batch["label"]).mean().backward()
+        return [p.grad.detach().clone() for p in network.parameters()]
+
+    return _reference_grads
 
 
 def assert_grads_close(actual, expected):
@@ -224,8 +219,10 @@ def assert_grads_close(actual, expected):
 
 
 @pytest.mark.parametrize("mode", ["append", "replace"])
-def test_parameter_gradients_are_those_of_the_augmented_batch(items, mode):
-    network = make_net(seed=5)
+def test_parameter_gradients_are_those_of_the_augmented_batch(
+    items, mode, make_basic_unet, make_trainer, reference_grads
+):
+    network = make_basic_unet(seed=5)
     start = copy.deepcopy(network)
     handler = AdversarialAugmentationHandler(
         [FGSMd(keys="image", epsilon=EPS, batched=True), InvFGSMd(keys="image", epsilon=EPS, batched=True)],
@@ -248,8 +245,8 @@ def test_parameter_gradients_are_those_of_the_augmented_batch(items, mode):
         assert difference > 1e-6
 
 
-def test_gradient_accumulation_sums_only_the_training_gradients(items):
-    network = make_net(seed=6)
+def test_gradient_accumulation_sums_only_the_training_gradients(items, make_basic_unet, make_trainer, reference_grads):
+    network = make_basic_unet(seed=6)
     start = copy.deepcopy(network)
     handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True), fused=False)
     grads, after = GradRecorder(), BatchRecorder()
@@ -268,7 +265,7 @@ def test_gradient_accumulation_sums_only_the_training_gradients(items):
 # -------------------------------------------------------------------------------------------------------- metrics
 
 
-def test_metrics_are_running_epoch_means(make_square_data):
+def test_metrics_are_running_epoch_means(make_square_data, make_trainer):
     images, labels = make_square_data(batch=6, size=SIZE, seed=4)
     items = [{"image": images[i], "label": labels[i]} for i in range(6)]  # batches of 4 and 2
     handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, batched=True), fused=False)
@@ -285,31 +282,35 @@ def test_metrics_are_running_epoch_means(make_square_data):
     assert "adv_loss_fgsm" not in per_epoch[0]  # only with return_loss_after=True
 
 
-def epoch_metrics_and_log(items, transform, max_epochs):
-    """Run with ``transform``; per epoch: the metrics at its end and, per iteration, (samples added, stats)."""
-    handler = AdversarialAugmentationHandler(transform, fused=False)
-    handler.set_random_state(seed=0)
-    before, after = BatchRecorder(), BatchRecorder()
-    trainer = make_trainer(items, max_epochs=max_epochs)
-    before.attach(trainer)
-    handler.attach(trainer)
-    after.attach(trainer)
-    log: dict[int, list] = {}
-    trainer.add_event_handler(
-        Events.ITERATION_COMPLETED,
-        lambda e: log.setdefault(e.state.epoch, []).append(
-            (after.batches[-1]["image"].shape[0] - before.batches[-1]["image"].shape[0], dict(transform.last_stats))
-        ),
-    )
-    per_epoch: dict[int, dict] = {}
-    trainer.add_event_handler(
-        Events.EPOCH_COMPLETED, lambda e: per_epoch.__setitem__(e.state.epoch, dict(e.state.metrics))
-    )
-    trainer.run()
-    return per_epoch, log
+@pytest.fixture
+def epoch_metrics_and_log(make_trainer):
+    def _epoch_metrics_and_log(items, transform, max_epochs):
+        """Run with ``transform``; per epoch: the metrics at its end and, per iteration, (samples added, stats)."""
+        handler = AdversarialAugmentationHandler(transform, fused=False)
+        handler.set_random_state(seed=0)
+        before, after = BatchRecorder(), BatchRecorder()
+        trainer = make_trainer(items, max_epochs=max_epochs)
+        before.attach(trainer)
+        handler.attach(trainer)
+        after.attach(trainer)
+        log: dict[int, list] = {}
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED,
+            lambda e: log.setdefault(e.state.epoch, []).append(
+                (after.batches[-1]["image"].shape[0] - before.batches[-1]["image"].shape[0], dict(transform.last_stats))
+            ),
+        )
+        per_epoch: dict[int, dict] = {}
+        trainer.add_event_handler(
+            Events.EPOCH_COMPLETED, lambda e: per_epoch.__setitem__(e.state.epoch, dict(e.state.metrics))
+        )
+        trainer.run()
+        return per_epoch, log
+
+    return _epoch_metrics_and_log
 
 
-def test_adv_samples_is_reset_each_epoch_with_random_skips(make_square_data):
+def test_adv_samples_is_reset_each_epoch_with_random_skips(make_square_data, epoch_metrics_and_log):
     images, labels = make_square_data(batch=16, size=SIZE, seed=3)
     items = [{"image": images[i], "label": labels[i]} for i in range(16)]
     per_epoch, log = epoch_metrics_and_log(items, FGSMd(keys="image", epsilon=EPS, prob=0.5, batched=True), 3)
@@ -318,7 +319,7 @@ def test_adv_samples_is_reset_each_epoch_with_random_skips(make_square_data):
     assert {epoch: metrics["adv_samples"] for epoch, metrics in per_epoch.items()} == pytest.approx(expected)
 
 
-def test_adv_epsilon_and_losses_average_only_the_iterations_that_made_copies(make_square_data):
+def test_adv_epsilon_and_losses_average_only_the_iterations_that_made_copies(make_square_data, epoch_metrics_and_log):
     images, labels = make_square_data(batch=16, size=SIZE, seed=3)
     items = [{"image": images[i], "label": labels[i]} for i in range(16)]
     transform = FGSMd(keys="image", epsilon=EPS, prob=0.5, batched=True, return_loss_after=True)
@@ -336,8 +337,8 @@ def test_adv_epsilon_and_losses_average_only_the_iterations_that_made_copies(mak
     assert checked, "the seed should let some epoch make copies"
 
 
-def test_fgsm_raises_and_invfgsm_lowers_the_loss_of_a_trained_network(items):
-    network = make_net(seed=7)
+def test_fgsm_raises_and_invfgsm_lowers_the_loss_of_a_trained_network(items, make_basic_unet, make_trainer):
+    network = make_basic_unet(seed=7)
     make_trainer(items, network=network, max_epochs=15,
                  optimizer=torch.optim.Adam(network.parameters(), lr=0.01)).run()  # fmt: skip
     handler = AdversarialAugmentationHandler(
@@ -388,13 +389,13 @@ def test_empty_transform_list_only_when_disabled():
     assert AdversarialAugmentationHandler([], enabled=False).params == {"adv_method": "none"}
 
 
-def test_batch_without_label_key_is_reported(items):
+def test_batch_without_label_key_is_reported(items, make_basic_unet, make_dicece):
     data = [{"image": item["image"], "seg": item["label"]} for item in items]
     handler = AdversarialAugmentationHandler(FGSMd(keys="image", batched=True))
-    network = make_net()
+    network = make_basic_unet()
     trainer = SupervisedTrainer(
         device=torch.device("cpu"), max_epochs=1, train_data_loader=DataLoader(data, batch_size=4),
-        network=network, optimizer=torch.optim.SGD(network.parameters(), lr=0.0), loss_function=dicece(),
+        network=network, optimizer=torch.optim.SGD(network.parameters(), lr=0.0), loss_function=make_dicece(),
         train_handlers=[handler],
     )  # fmt: skip
     with pytest.raises(KeyError, match="label"):
@@ -404,7 +405,7 @@ def test_batch_without_label_key_is_reported(items):
 # --------------------------------------------------------------------------------------------------------- MLflow
 
 
-def test_params_reach_the_mlflow_run_through_experiment_param(items, tmp_path: Path, monkeypatch):
+def test_params_reach_the_mlflow_run_through_experiment_param(items, tmp_path: Path, monkeypatch, make_trainer):
     """The public route: MLFlowHandler(experiment_param=handler.params), as the bundle's tracking settings do."""
     from mlflow.tracking import MlflowClient
     from monai.handlers import MLFlowHandler
@@ -439,14 +440,14 @@ def test_params_reach_the_mlflow_run_through_experiment_param(items, tmp_path: P
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_ddp_wrapped_network_trains_two_epochs(items, tmp_path: Path):
+def test_ddp_wrapped_network_trains_two_epochs(items, tmp_path: Path, make_basic_unet, make_trainer):
     import torch.distributed as dist
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        inner = make_net(seed=8)
+        inner = make_basic_unet(seed=8)
         start = copy.deepcopy(inner)
         network = torch.nn.parallel.DistributedDataParallel(inner)
         handler = AdversarialAugmentationHandler(

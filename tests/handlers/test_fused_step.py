@@ -13,36 +13,19 @@ from ignite.engine import Events
 from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
-from monai.losses import DiceCELoss
-from monai.networks.nets import BasicUNet
 
 from monai_adv.attacks import gradient_sign_attack
 from monai_adv.handlers import AdversarialAugmentationHandler
 from monai_adv.transforms import FGSM, FGSMd, InvFGSMd
 
-FEATURES = (4, 4, 8, 8, 16, 4)
 SIZE = 32
 EPS = 0.1
 LR = 0.5
 DIRECTIONS = {"fgsm": ["ascend"], "invfgsm": ["descend"], "both": ["ascend", "descend"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def make_net(seed: int = 0) -> BasicUNet:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=FEATURES)
-
-
-def dicece() -> DiceCELoss:
-    return DiceCELoss(to_onehot_y=True, softmax=True)
+# tiny convolutions run much faster (and steadier on a busy 2-core machine) on one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def transforms_for(method: str, **kwargs) -> list:
@@ -55,33 +38,41 @@ def data(make_square_data):
     return make_square_data(batch=8, size=SIZE, seed=3)
 
 
-def trainer_for(images, labels, network, handler=None, batch_size=4, max_epochs=1, **kwargs) -> SupervisedTrainer:
-    items = [{"image": images[i], "label": labels[i]} for i in range(len(images))]
-    return SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=max_epochs,
-        train_data_loader=DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=0),
-        network=network,
-        optimizer=torch.optim.SGD(network.parameters(), lr=LR),
-        loss_function=dicece(),
-        train_handlers=[handler] if handler is not None else None,
-        **kwargs,
-    )
+@pytest.fixture
+def trainer_for(make_dicece):
+    def _trainer_for(images, labels, network, handler=None, batch_size=4, max_epochs=1, **kwargs) -> SupervisedTrainer:
+        items = [{"image": images[i], "label": labels[i]} for i in range(len(images))]
+        return SupervisedTrainer(
+            device=torch.device("cpu"),
+            max_epochs=max_epochs,
+            train_data_loader=DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=0),
+            network=network,
+            optimizer=torch.optim.SGD(network.parameters(), lr=LR),
+            loss_function=make_dicece(),
+            train_handlers=[handler] if handler is not None else None,
+            **kwargs,
+        )
+
+    return _trainer_for
 
 
-def explicit_step(network, images, labels, directions, lr=LR):
-    """The definition: FGSM/InvFGSM at the current weights (train mode), then one SGD step on the concatenation."""
-    network.train()
-    copies = [
-        gradient_sign_attack(network, dicece(), images, labels, EPS, direction=d, network_mode="train").images
-        for d in directions
-    ]
-    optimizer = torch.optim.SGD(network.parameters(), lr=lr)
-    optimizer.zero_grad()
-    loss = dicece()(network(torch.cat([images, *copies])), torch.cat([labels] * (1 + len(copies))))
-    loss.backward()
-    optimizer.step()
-    return torch.cat(copies), loss.detach()
+@pytest.fixture
+def explicit_step(make_dicece):
+    def _explicit_step(network, images, labels, directions, lr=LR):
+        """The definition: FGSM/InvFGSM at the current weights (train mode), then one SGD step on the concatenation."""
+        network.train()
+        copies = [
+            gradient_sign_attack(network, make_dicece(), images, labels, EPS, direction=d, network_mode="train").images
+            for d in directions
+        ]
+        optimizer = torch.optim.SGD(network.parameters(), lr=lr)
+        optimizer.zero_grad()
+        loss = make_dicece()(network(torch.cat([images, *copies])), torch.cat([labels] * (1 + len(copies))))
+        loss.backward()
+        optimizer.step()
+        return torch.cat(copies), loss.detach()
+
+    return _explicit_step
 
 
 def assert_same_parameters(actual, expected):
@@ -90,10 +81,10 @@ def assert_same_parameters(actual, expected):
 
 
 @pytest.mark.parametrize("method", ["fgsm", "invfgsm", "both"])
-def test_fused_step_equals_attack_then_concatenated_step(data, method):
+def test_fused_step_equals_attack_then_concatenated_step(data, method, make_basic_unet, trainer_for, explicit_step):
     images, labels = data
     images, labels = images[:4], labels[:4]
-    network, reference = make_net(seed=1), make_net(seed=1)
+    network, reference = make_basic_unet(seed=1), make_basic_unet(seed=1)
     handler = AdversarialAugmentationHandler(transforms_for(method))
     trainer = trainer_for(images, labels, network, handler)
     trainer.run()
@@ -108,10 +99,10 @@ def test_fused_step_equals_attack_then_concatenated_step(data, method):
     assert not trainer.state.output[0]["image"].requires_grad
 
 
-def test_fused_step_over_two_iterations_follows_the_updated_weights(data):
+def test_fused_step_over_two_iterations_follows_the_updated_weights(data, make_basic_unet, trainer_for, explicit_step):
     """Each iteration's copies are made at that iteration's weights (after the previous update)."""
     images, labels = data
-    network, reference = make_net(seed=2), make_net(seed=2)
+    network, reference = make_basic_unet(seed=2), make_basic_unet(seed=2)
     copies: list[torch.Tensor] = []
     handler = AdversarialAugmentationHandler(transforms_for("both"))
     trainer = trainer_for(images, labels, network, handler)
@@ -123,11 +114,11 @@ def test_fused_step_over_two_iterations_follows_the_updated_weights(data):
     assert_same_parameters(network, reference)
 
 
-def test_fused_and_separate_modes_give_the_same_gradient_accumulation(data):
+def test_fused_and_separate_modes_give_the_same_gradient_accumulation(data, make_basic_unet, trainer_for):
     images, labels = data
     grads = {}
     for fused in (True, False):
-        network = make_net(seed=3)
+        network = make_basic_unet(seed=3)
         handler = AdversarialAugmentationHandler(transforms_for("fgsm", network_mode="train"), fused=fused)
         trainer = trainer_for(images, labels, network, handler, accumulation_steps=2)
         recorded: list = []
@@ -145,10 +136,10 @@ def test_fused_and_separate_modes_give_the_same_gradient_accumulation(data):
     assert any(not torch.allclose(a, b) for a, b in zip(grads[True][0], grads[True][1]))
 
 
-def test_start_epoch_fused_trains_clean_first(data):
+def test_start_epoch_fused_trains_clean_first(data, make_basic_unet, make_dicece, trainer_for, explicit_step):
     images, labels = data
     images, labels = images[:4], labels[:4]
-    network, reference = make_net(seed=4), make_net(seed=4)
+    network, reference = make_basic_unet(seed=4), make_basic_unet(seed=4)
     handler = AdversarialAugmentationHandler(transforms_for("fgsm"), start_epoch=2)
     per_epoch = []
     trainer = trainer_for(images, labels, network, handler, max_epochs=2)
@@ -156,34 +147,34 @@ def test_start_epoch_fused_trains_clean_first(data):
     trainer.run()
     # epoch 1: a plain step on the clean batch; epoch 2: the augmented step at the updated weights
     optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
-    dicece()(reference.train()(images), labels).backward()
+    make_dicece()(reference.train()(images), labels).backward()
     optimizer.step()
     explicit_step(reference, images, labels, DIRECTIONS["fgsm"])
     assert_same_parameters(network, reference)
     assert "adv_samples" not in per_epoch[0] and per_epoch[1]["adv_samples"] == 4.0
 
 
-def test_amp_trainer_on_cpu_fused_and_separate(data):
+def test_amp_trainer_on_cpu_fused_and_separate(data, make_basic_unet, trainer_for, explicit_step):
     """SupervisedTrainer(amp=True) on CPU: the fused step mirrors its (CUDA-only) autocast and scaler; the separate
     attack follows engine.amp with bfloat16 autocast on CPU."""
     images, labels = data
     images, labels = images[:4], labels[:4]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # GradScaler/autocast on a machine without CUDA
-        network, reference = make_net(seed=5), make_net(seed=5)
+        network, reference = make_basic_unet(seed=5), make_basic_unet(seed=5)
         handler = AdversarialAugmentationHandler(transforms_for("both"))
         trainer_for(images, labels, network, handler, amp=True).run()
         explicit_step(reference, images, labels, DIRECTIONS["both"])
         assert_same_parameters(network, reference)
 
         separate = AdversarialAugmentationHandler(transforms_for("fgsm"), fused=False)
-        trainer = trainer_for(images, labels, make_net(seed=5), separate, amp=True)
+        trainer = trainer_for(images, labels, make_basic_unet(seed=5), separate, amp=True)
         trainer.run()
     assert separate.transforms[0].amp  # followed engine.amp: bf16 autocast on CPU
     assert trainer.state.metrics["adv_samples"] == 4.0
 
 
-def test_batchnorm_network_warns_in_fused_mode(data):
+def test_batchnorm_network_warns_in_fused_mode(data, trainer_for):
     images, labels = data
     network = torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1)
@@ -193,11 +184,11 @@ def test_batchnorm_network_warns_in_fused_mode(data):
         trainer_for(images[:4], labels[:4], network, handler).run()
 
 
-def test_iterative_transform_falls_back_to_a_separate_pass(data):
+def test_iterative_transform_falls_back_to_a_separate_pass(data, make_basic_unet, trainer_for):
     images, labels = data
     handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=EPS, num_steps=2, batched=True))
     sizes = []
-    trainer = trainer_for(images[:4], labels[:4], make_net(), handler)
+    trainer = trainer_for(images[:4], labels[:4], make_basic_unet(), handler)
     trainer.add_event_handler(
         IterationEvents.FORWARD_COMPLETED, lambda e: sizes.append(e.state.output["image"].shape[0])
     )
@@ -208,13 +199,16 @@ def test_iterative_transform_falls_back_to_a_separate_pass(data):
 # ----------------------------------------------------------------------------------------------- DDP, 2 processes
 
 
-def _ddp_worker(rank: int, world_size: int, store: str, images, labels, result_dir: str) -> None:
+def _ddp_worker(
+    rank: int, world_size: int, store: str, images, labels, result_dir: str, make_basic_unet, trainer_for
+) -> None:
+    """One DDP rank; ``make_basic_unet`` and ``trainer_for`` (fixtures) reach it as arguments, unpickled under fork."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
-        network = torch.nn.parallel.DistributedDataParallel(make_net(seed=6))
+        network = torch.nn.parallel.DistributedDataParallel(make_basic_unet(seed=6))
         handler = AdversarialAugmentationHandler(transforms_for("both"))
         part = slice(rank * 4, rank * 4 + 4)
         trainer_for(images[part], labels[part], network, handler).run()
@@ -227,30 +221,32 @@ def _ddp_worker(rank: int, world_size: int, store: str, images, labels, result_d
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_ddp_two_processes_fused_step_equals_averaged_explicit_steps(data, tmp_path: Path):
+def test_ddp_two_processes_fused_step_equals_averaged_explicit_steps(
+    data, tmp_path: Path, make_basic_unet, make_dicece, trainer_for
+):
     images, labels = data
     # fork: the children need no fresh interpreter importing MONAI (spawn takes ~20 s more on 2 cores)
     torch.multiprocessing.start_processes(
         _ddp_worker,
-        args=(2, str(tmp_path / "store"), images, labels, str(tmp_path)),
+        args=(2, str(tmp_path / "store"), images, labels, str(tmp_path), make_basic_unet, trainer_for),
         nprocs=2,
         join=True,
         start_method="fork",
     )
     # reference: each rank's concatenated-batch gradient at the same start, averaged (what DDP does), one SGD step
-    start = make_net(seed=6)
+    start = make_basic_unet(seed=6)
     grads, copies = [], []
     for rank in range(2):
         network = copy.deepcopy(start).train()
         part = slice(rank * 4, rank * 4 + 4)
         adv = [
             gradient_sign_attack(
-                network, dicece(), images[part], labels[part], EPS, direction=d, network_mode="train"
+                network, make_dicece(), images[part], labels[part], EPS, direction=d, network_mode="train"
             ).images
             for d in DIRECTIONS["both"]
         ]
         copies.append(torch.cat(adv))
-        loss = dicece()(network(torch.cat([images[part], *adv])), torch.cat([labels[part]] * 3))
+        loss = make_dicece()(network(torch.cat([images[part], *adv])), torch.cat([labels[part]] * 3))
         grads.append(torch.autograd.grad(loss, list(network.parameters())))
     expected = [p.detach() - LR * (g0 + g1) / 2 for p, g0, g1 in zip(start.parameters(), *grads)]
     for rank in range(2):
@@ -274,18 +270,18 @@ def test_non_integer_start_epoch_is_refused(start_epoch):
         AdversarialAugmentationHandler(transforms_for("fgsm"), start_epoch=start_epoch)
 
 
-def test_start_epoch_after_the_last_epoch_warns(data):
+def test_start_epoch_after_the_last_epoch_warns(data, make_basic_unet, trainer_for):
     images, labels = data
     handler = AdversarialAugmentationHandler(transforms_for("fgsm"), start_epoch=3)
     with pytest.warns(UserWarning, match=r"start_epoch=3 is after the last epoch \(max_epochs=2\)"):
-        trainer_for(images[:4], labels[:4], make_net(), handler, max_epochs=2).run()
+        trainer_for(images[:4], labels[:4], make_basic_unet(), handler, max_epochs=2).run()
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_empty_batch_is_refused_clearly(data, fused):
+def test_empty_batch_is_refused_clearly(data, fused, make_basic_unet, trainer_for):
     images, labels = data
     handler = AdversarialAugmentationHandler(transforms_for("fgsm"), fused=fused)
-    trainer = trainer_for(images[:4], labels[:4], make_net(), handler)
+    trainer = trainer_for(images[:4], labels[:4], make_basic_unet(), handler)
     trainer.add_event_handler(
         Events.ITERATION_STARTED, lambda e: setattr(e.state, "batch", {"image": images[:0], "label": labels[:0]})
     )
@@ -295,10 +291,10 @@ def test_empty_batch_is_refused_clearly(data, fused):
         trainer.run()
 
 
-def test_attach_twice_registers_once(data):
+def test_attach_twice_registers_once(data, make_basic_unet, trainer_for):
     images, labels = data
     handler = AdversarialAugmentationHandler(transforms_for("fgsm"), fused=False)
-    trainer = trainer_for(images[:4], labels[:4], make_net(), handler)
+    trainer = trainer_for(images[:4], labels[:4], make_basic_unet(), handler)
     handler.attach(trainer)
     sizes = []
     trainer.add_event_handler(
@@ -308,7 +304,7 @@ def test_attach_twice_registers_once(data):
     assert sizes == [8]  # attached twice would have given 16 (the copy appended twice)
 
 
-def test_append_repeats_per_sample_metadata(data):
+def test_append_repeats_per_sample_metadata(data, make_basic_unet, make_dicece):
     images, labels = data
     names = [f"case_{i}.png" for i in range(4)]
     items = [
@@ -317,10 +313,10 @@ def test_append_repeats_per_sample_metadata(data):
     ]
     handler = AdversarialAugmentationHandler(transforms_for("both"), fused=False)
     seen = []
-    network = make_net()
+    network = make_basic_unet()
     trainer = SupervisedTrainer(
         device=torch.device("cpu"), max_epochs=1, train_data_loader=DataLoader(items, batch_size=4),
-        network=network, optimizer=torch.optim.SGD(network.parameters(), lr=0.0), loss_function=dicece(),
+        network=network, optimizer=torch.optim.SGD(network.parameters(), lr=0.0), loss_function=make_dicece(),
         train_handlers=[handler],
     )  # fmt: skip
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: seen.append(e.state.batch))

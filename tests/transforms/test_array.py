@@ -10,30 +10,11 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.losses import DiceCELoss, DiceLoss
+from monai.losses import DiceLoss
 from torch import nn
 
 from monai_adv.attacks import ZeroInputGradientError
 from monai_adv.transforms import FGSM, GradientSign, InvFGSM
-
-LOSS_CASES = {
-    "dicece_softmax": (lambda: DiceCELoss(to_onehot_y=True, softmax=True), 2),
-    "dice_sigmoid": (lambda: DiceLoss(sigmoid=True), 1),
-    "cross_entropy": (lambda: nn.CrossEntropyLoss(), 2),
-}
-
-
-def labels_for(case: str, mask: torch.Tensor) -> torch.Tensor:
-    """``mask`` (B, 1, *spatial) -> the label layout each loss expects."""
-    return mask[:, 0].long() if case == "cross_entropy" else mask
-
-
-def reference(net, loss_fn, images, labels, eps, sign, clamp=(0.0, 1.0)):
-    x = images.detach().clone().requires_grad_(True)
-    loss = loss_fn(net(x), labels)
-    loss.backward()
-    adv = x.detach() + sign * eps * x.grad.sign()
-    return adv if clamp is None else adv.clamp(*clamp)
 
 
 @pytest.fixture
@@ -46,25 +27,20 @@ def data(make_square_data):
     return make_square_data(batch=2, size=16, seed=31)
 
 
-def dicece():
-    return DiceCELoss(to_onehot_y=True, softmax=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # 1. agreement with an independent reference
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", sorted(LOSS_CASES))
 @pytest.mark.parametrize("cls,sign", [(FGSM, 1.0), (InvFGSM, -1.0)])
-def test_batched_matches_reference(make_tiny_net, data, case, cls, sign):
-    loss_factory, out_channels = LOSS_CASES[case]
-    net = make_tiny_net(out_channels=out_channels, seed=32).eval()
+def test_batched_matches_reference(make_tiny_net, data, loss_case, cls, sign, reference_fgsm):
+    loss_factory = loss_case.make_loss
+    net = make_tiny_net(out_channels=loss_case.out_channels, seed=32).eval()
     images, mask = data
-    labels = labels_for(case, mask)
+    labels = loss_case.labels(mask)
     transform = cls(net, loss_factory(), epsilon=0.08, batched=True)
     out = transform(images, labels)
-    expected = reference(net, loss_factory(), images, labels, 0.08, sign)
+    expected = reference_fgsm(net, loss_factory(), images, labels, 0.08, sign)
     assert type(out) is torch.Tensor
     assert not torch.equal(out, images)
     assert torch.equal(out, expected)
@@ -73,31 +49,30 @@ def test_batched_matches_reference(make_tiny_net, data, case, cls, sign):
         torch.testing.assert_close(transform.last_stats["loss_before"], loss_factory()(net(images), labels))
 
 
-@pytest.mark.parametrize("case", sorted(LOSS_CASES))
 @pytest.mark.parametrize("cls,sign", [(FGSM, 1.0), (InvFGSM, -1.0)])
-def test_unbatched_matches_reference(make_tiny_net, data, case, cls, sign):
-    loss_factory, out_channels = LOSS_CASES[case]
-    net = make_tiny_net(out_channels=out_channels, seed=33).eval()
+def test_unbatched_matches_reference(make_tiny_net, data, loss_case, cls, sign, reference_fgsm):
+    loss_factory = loss_case.make_loss
+    net = make_tiny_net(out_channels=loss_case.out_channels, seed=33).eval()
     images, mask = data
-    labels = labels_for(case, mask)
+    labels = loss_case.labels(mask)
     out = cls(net, loss_factory(), epsilon=0.08)(images[1], labels[1])
-    expected = reference(net, loss_factory(), images[1:], labels[1:], 0.08, sign)[0]
+    expected = reference_fgsm(net, loss_factory(), images[1:], labels[1:], 0.08, sign)[0]
     assert out.shape == images[1].shape
     assert torch.equal(out, expected)
 
 
-def test_float64_network_matches_reference_in_float64(make_tiny_net, make_square_data):
+def test_float64_network_matches_reference_in_float64(make_tiny_net, make_square_data, make_dicece, reference_fgsm):
     net = make_tiny_net(seed=34, dtype=torch.float64).eval()
     images, mask = make_square_data(batch=2, size=16, seed=34, dtype=torch.float64)
-    out = FGSM(net, dicece(), epsilon=0.0625, batched=True)(images.numpy(), mask.numpy())
+    out = FGSM(net, make_dicece(), epsilon=0.0625, batched=True)(images.numpy(), mask.numpy())
     assert isinstance(out, np.ndarray) and out.dtype == np.float64
-    np.testing.assert_array_equal(out, reference(net, dicece(), images, mask, 0.0625, 1.0).numpy())
+    np.testing.assert_array_equal(out, reference_fgsm(net, make_dicece(), images, mask, 0.0625, 1.0).numpy())
 
 
-def test_fgsm_and_inverse_are_opposite(net, data):
+def test_fgsm_and_inverse_are_opposite(net, data, make_dicece):
     images, mask = data
-    up = FGSM(net, dicece(), epsilon=0.05, clamp="none")(images[0], mask[0])
-    down = InvFGSM(net, dicece(), epsilon=0.05, clamp="none")(images[0], mask[0])
+    up = FGSM(net, make_dicece(), epsilon=0.05, clamp="none")(images[0], mask[0])
+    down = InvFGSM(net, make_dicece(), epsilon=0.05, clamp="none")(images[0], mask[0])
     torch.testing.assert_close(up - images[0], -(down - images[0]), rtol=0, atol=1e-6)
     assert FGSM.direction == "ascend" and InvFGSM.direction == "descend"
     assert issubclass(FGSM, GradientSign) and issubclass(InvFGSM, GradientSign)
@@ -108,11 +83,11 @@ def test_fgsm_and_inverse_are_opposite(net, data):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_iterative_random_start_bound_and_reproducibility(net, data):
+def test_iterative_random_start_bound_and_reproducibility(net, data, make_dicece):
     images, mask = data
 
     def run(seed):
-        t = FGSM(net, dicece(), epsilon=0.05, num_steps=4, random_start=True, batched=True)
+        t = FGSM(net, make_dicece(), epsilon=0.05, num_steps=4, random_start=True, batched=True)
         t.set_random_state(seed)
         return t(images, mask)
 
@@ -123,7 +98,7 @@ def test_iterative_random_start_bound_and_reproducibility(net, data):
         assert out.min().item() >= 0 and out.max().item() <= 1
 
 
-def test_clamp_image_hounsfield(make_tiny_net):
+def test_clamp_image_hounsfield(make_tiny_net, make_dicece):
     net = make_tiny_net(seed=35).eval()
     with torch.no_grad():
         net[0].weight /= 1000  # so that HU values do not saturate the network
@@ -132,17 +107,17 @@ def test_clamp_image_hounsfield(make_tiny_net):
     image[0, 0, :2] = torch.tensor([-1000.0, 1000.0])
     label = (image > 0).float()
     for cls in (FGSM, InvFGSM):
-        out = cls(net, dicece(), epsilon=10.0, clamp="image")(image, label)
+        out = cls(net, make_dicece(), epsilon=10.0, clamp="image")(image, label)
         assert out.min() >= image.min() and out.max() <= image.max()
         assert (out - image).abs().max().item() <= 10.0 + 1e-3
         assert (out - image).abs().max().item() >= 10.0 - 1e-3
     with pytest.raises(ValueError, match="value_range"):
-        FGSM(net, dicece(), epsilon=10.0)(image, label)
+        FGSM(net, make_dicece(), epsilon=10.0)(image, label)
 
 
-def test_clamp_none_moves_every_pixel_by_epsilon(net, data):
+def test_clamp_none_moves_every_pixel_by_epsilon(net, data, make_dicece):
     images, mask = data
-    out = FGSM(net, dicece(), epsilon=0.2, clamp="none")(images[0], mask[0])
+    out = FGSM(net, make_dicece(), epsilon=0.2, clamp="none")(images[0], mask[0])
     torch.testing.assert_close((out - images[0]).abs(), torch.full_like(images[0], 0.2), rtol=0, atol=1e-6)
 
 
@@ -153,22 +128,24 @@ def test_clamp_none_moves_every_pixel_by_epsilon(net, data):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("batched", [False, True])
-def test_2d_3d_batched_unbatched(make_tiny_net, make_square_data, spatial_dims, batched):
+def test_2d_3d_batched_unbatched(make_tiny_net, make_square_data, spatial_dims, batched, make_dicece, reference_fgsm):
     net = make_tiny_net(spatial_dims=spatial_dims, seed=36).eval()
     images, mask = make_square_data(batch=2, size=16, spatial_dims=spatial_dims, seed=36)
     img, lab = (images, mask) if batched else (images[0], mask[0])
-    out = FGSM(net, dicece(), epsilon=0.1, batched=batched)(img, lab)
+    out = FGSM(net, make_dicece(), epsilon=0.1, batched=batched)(img, lab)
     assert out.shape == img.shape
-    expected = reference(net, dicece(), images if batched else images[:1], mask if batched else mask[:1], 0.1, 1.0)
+    expected = reference_fgsm(
+        net, make_dicece(), images if batched else images[:1], mask if batched else mask[:1], 0.1, 1.0
+    )
     assert torch.equal(out, expected if batched else expected[0])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_numpy_in_numpy_out(net, data, dtype):
+def test_numpy_in_numpy_out(net, data, dtype, make_dicece):
     images, mask = data
     img = images[0].numpy().astype(dtype)
     original = img.copy()
-    out = FGSM(net, dicece(), epsilon=0.1)(img, mask[0].numpy().astype(np.uint8))
+    out = FGSM(net, make_dicece(), epsilon=0.1)(img, mask[0].numpy().astype(np.uint8))
     assert isinstance(out, np.ndarray)
     assert out.dtype == dtype and out.shape == img.shape
     np.testing.assert_array_equal(img, original)  # the input is not modified
@@ -176,47 +153,47 @@ def test_numpy_in_numpy_out(net, data, dtype):
     assert np.abs(out - img).max() >= 0.1 - 1e-6
 
 
-def test_float64_input_with_float32_network_keeps_precision(net):
+def test_float64_input_with_float32_network_keeps_precision(net, make_dicece):
     img = np.random.RandomState(0).rand(1, 16, 16)
     label = (img > 0.5).astype(np.float64)
-    unchanged = FGSM(net, dicece(), epsilon=0.0)(img, label)
+    unchanged = FGSM(net, make_dicece(), epsilon=0.0)(img, label)
     assert unchanged.dtype == np.float64
     np.testing.assert_array_equal(unchanged, img)
-    out = FGSM(net, dicece(), epsilon=0.125, clamp="none")(img, label)
+    out = FGSM(net, make_dicece(), epsilon=0.125, clamp="none")(img, label)
     # float64 rounding of (x + eps) - x only; a float32 round trip would be off by ~1e-8.
     np.testing.assert_allclose(np.abs(out - img), 0.125, rtol=0, atol=1e-15)
 
 
-def test_torch_float16_in_float16_out(net, data):
+def test_torch_float16_in_float16_out(net, data, make_dicece):
     images, mask = data
     img = images[0].half()
-    out = FGSM(net, dicece(), epsilon=0.1)(img, mask[0])
+    out = FGSM(net, make_dicece(), epsilon=0.1)(img, mask[0])
     assert type(out) is torch.Tensor and out.dtype == torch.float16 and out.device == img.device
     delta = (out.float() - img.float()).abs()
     assert delta.max().item() <= 0.1 + 2**-11  # half an ulp of float16 near 1
     assert delta.max().item() >= 0.1 - 2**-11
 
 
-def test_metatensor_meta_preserved(net, data):
+def test_metatensor_meta_preserved(net, data, make_dicece, reference_fgsm):
     images, mask = data
     affine = torch.diag(torch.tensor([0.5, 0.7, 1.0, 1.0], dtype=torch.float64))
     img = MetaTensor(images[0].clone(), affine=affine, meta={"filename_or_obj": "case_001.nii.gz", "foo": 3})
     img.applied_operations = [{"class": "Dummy", "id": 1}]
     label = MetaTensor(mask[0].clone(), affine=affine)
-    out = FGSM(net, dicece(), epsilon=0.1)(img, label)
+    out = FGSM(net, make_dicece(), epsilon=0.1)(img, label)
     assert isinstance(out, MetaTensor)
     assert out.dtype == img.dtype and out.device == img.device
     assert out.meta["filename_or_obj"] == "case_001.nii.gz" and out.meta["foo"] == 3
     assert torch.equal(out.affine, affine)
     assert out.applied_operations == img.applied_operations
     assert torch.equal(img.as_tensor(), images[0])  # input not modified
-    assert torch.equal(out.as_tensor(), reference(net, dicece(), images[:1], mask[:1], 0.1, 1.0)[0])
+    assert torch.equal(out.as_tensor(), reference_fgsm(net, make_dicece(), images[:1], mask[:1], 0.1, 1.0)[0])
 
 
-def test_output_has_no_graph_and_input_not_modified(net, data):
+def test_output_has_no_graph_and_input_not_modified(net, data, make_dicece):
     images, mask = data
     img = images[0].clone()
-    t = FGSM(net, dicece(), epsilon=0.1, return_loss_after=True)
+    t = FGSM(net, make_dicece(), epsilon=0.1, return_loss_after=True)
     out = t(img, mask[0])
     assert not out.requires_grad and out.grad_fn is None
     assert torch.equal(img, images[0])
@@ -226,10 +203,10 @@ def test_output_has_no_graph_and_input_not_modified(net, data):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cpu_input_with_cuda_network_returns_cpu(make_tiny_net, data):
+def test_cpu_input_with_cuda_network_returns_cpu(make_tiny_net, data, make_dicece):
     net = make_tiny_net(seed=31).eval().cuda()
     images, mask = data
-    out = FGSM(net, dicece(), epsilon=0.1)(images[0], mask[0])
+    out = FGSM(net, make_dicece(), epsilon=0.1)(images[0], mask[0])
     assert out.device.type == "cpu"
     assert (out - images[0]).abs().max().item() == pytest.approx(0.1, abs=1e-6)
 
@@ -249,9 +226,9 @@ def _live_tensors() -> int:
     "cls,kwargs",
     [(FGSM, {"num_steps": 2, "random_start": True, "return_loss_after": True}), (InvFGSM, {})],
 )
-def test_repeated_calls_do_not_accumulate_tensors(net, data, cls, kwargs):
+def test_repeated_calls_do_not_accumulate_tensors(net, data, cls, kwargs, make_dicece):
     images, mask = data
-    t = cls(net, dicece(), epsilon=(0.01, 0.1), **kwargs)
+    t = cls(net, make_dicece(), epsilon=(0.01, 0.1), **kwargs)
     img, label = images[0], mask[0]
     for _ in range(20):  # warm-up
         out = t(img, label)
@@ -272,71 +249,71 @@ def test_repeated_calls_do_not_accumulate_tensors(net, data, cls, kwargs):
 
 
 @pytest.mark.parametrize("epsilon", [-0.1, math.nan, math.inf, (0.2, 0.1), (-0.1, 0.1), (0.0, math.nan)])
-def test_bad_epsilon_at_construction(net, epsilon):
+def test_bad_epsilon_at_construction(net, epsilon, make_dicece):
     with pytest.raises(ValueError, match="epsilon"):
-        FGSM(net, dicece(), epsilon=epsilon)
+        FGSM(net, make_dicece(), epsilon=epsilon)
 
 
 @pytest.mark.parametrize("epsilon", ["0.1", (0.1, 0.2, 0.3), None, True])
-def test_badly_typed_epsilon(net, epsilon):
+def test_badly_typed_epsilon(net, epsilon, make_dicece):
     with pytest.raises(TypeError, match="epsilon"):
-        InvFGSM(net, dicece(), epsilon=epsilon)
+        InvFGSM(net, make_dicece(), epsilon=epsilon)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_non_finite_image(net, data, bad):
+def test_non_finite_image(net, data, bad, make_dicece):
     images, mask = data
     img = images[0].clone()
     img[0, 5, 5] = bad
     with pytest.raises(ValueError, match="NaN"):
-        FGSM(net, dicece())(img, mask[0])
+        FGSM(net, make_dicece())(img, mask[0])
     with pytest.raises(ValueError, match="NaN"):
-        FGSM(net, dicece())(img.numpy(), mask[0].numpy())
+        FGSM(net, make_dicece())(img.numpy(), mask[0].numpy())
 
 
-def test_shape_mismatch(net, data):
+def test_shape_mismatch(net, data, make_dicece):
     images, mask = data
     with pytest.raises(ValueError) as info:
-        FGSM(net, dicece())(images[0], mask[0][:, :, :12])
+        FGSM(net, make_dicece())(images[0], mask[0][:, :, :12])
     assert "16, 12" in str(info.value) and "16, 16" in str(info.value)
 
 
-def test_wrong_label_kind(net, data):
+def test_wrong_label_kind(net, data, make_dicece):
     images, mask = data
     with pytest.raises(ValueError, match="class indices"):
-        FGSM(net, dicece())(images[0], (mask[0] * 255).numpy().astype(np.uint8))
+        FGSM(net, make_dicece())(images[0], (mask[0] * 255).numpy().astype(np.uint8))
     one_hot = torch.cat([1 - mask[0], mask[0]]) * 3
     with pytest.raises(ValueError, match="one-hot"):
         FGSM(net, DiceLoss(softmax=True))(images[0], one_hot)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int64])
-def test_integer_image(net, data, dtype):
+def test_integer_image(net, data, dtype, make_dicece):
     images, mask = data
     img = (images[0] * 200).to(dtype)
     with pytest.raises(TypeError, match="floating point"):
-        FGSM(net, dicece())(img, mask[0])
+        FGSM(net, make_dicece())(img, mask[0])
     with pytest.raises(TypeError, match="floating point"):
-        FGSM(net, dicece())(img.numpy(), mask[0].numpy())
+        FGSM(net, make_dicece())(img.numpy(), mask[0].numpy())
 
 
-def test_non_array_input(net, data):
+def test_non_array_input(net, data, make_dicece):
     images, mask = data
     with pytest.raises(TypeError):
-        FGSM(net, dicece())(images[0].tolist(), mask[0])
+        FGSM(net, make_dicece())(images[0].tolist(), mask[0])
 
 
-def test_missing_batch_dimension(net, data):
+def test_missing_batch_dimension(net, data, make_dicece):
     images, mask = data
     with pytest.raises(ValueError, match="B, C"):
-        FGSM(net, dicece(), batched=True)(images[0, 0], mask[0, 0])
+        FGSM(net, make_dicece(), batched=True)(images[0, 0], mask[0, 0])
     with pytest.raises(ValueError, match="channel-first"):
-        FGSM(net, dicece())(images[0, 0, 0], mask[0, 0, 0])
+        FGSM(net, make_dicece())(images[0, 0, 0], mask[0, 0, 0])
 
 
-def test_no_network_or_loss(net, data):
+def test_no_network_or_loss(net, data, make_dicece):
     images, mask = data
-    t = FGSM(loss_function=dicece())
+    t = FGSM(loss_function=make_dicece())
     with pytest.raises(RuntimeError, match="network"):
         t(images[0], mask[0])
     with pytest.raises(RuntimeError, match="loss_function"):

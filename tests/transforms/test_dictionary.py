@@ -9,20 +9,9 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.losses import DiceCELoss
 from monai.transforms import Compose, EnsureTyped, ScaleIntensityd
 
 from monai_adv.transforms import FGSM, FGSMD, FGSMd, FGSMDict, GradientSignd, InvFGSM, InvFGSMD, InvFGSMd, InvFGSMDict
-
-
-def dicece():
-    return DiceCELoss(to_onehot_y=True, softmax=True)
-
-
-def reference(net, images, labels, eps, sign):
-    x = images.detach().clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(dicece()(net(x), labels), x)
-    return (x.detach() + sign * eps * grad.sign()).clamp(0, 1)
 
 
 @pytest.fixture
@@ -54,16 +43,16 @@ def assert_unmodified(data: dict, snap: dict) -> None:
 
 
 @pytest.mark.parametrize("cls,array_cls,sign", [(FGSMd, FGSM, 1.0), (InvFGSMd, InvFGSM, -1.0)])
-def test_matches_array_transform_and_reference(net, sample, cls, array_cls, sign):
+def test_matches_array_transform_and_reference(net, sample, cls, array_cls, sign, make_dicece, reference_fgsm):
     snap = snapshot(sample)
-    t = cls(keys="image", network=net, loss_function=dicece(), epsilon=0.1)
+    t = cls(keys="image", network=net, loss_function=make_dicece(), epsilon=0.1)
     out = t(sample)
     assert_unmodified(sample, snap)
     assert out is not sample
     assert out["label"] is sample["label"] and out["image2"] is sample["image2"] and out["name"] == "case_0"
-    expected = reference(net, sample["image"][None], sample["label"][None], 0.1, sign)[0]
+    expected = reference_fgsm(net, make_dicece(), sample["image"][None], sample["label"][None], 0.1, sign)[0]
     assert torch.equal(out["image"], expected)
-    assert torch.equal(out["image"], array_cls(net, dicece(), epsilon=0.1)(sample["image"], sample["label"]))
+    assert torch.equal(out["image"], array_cls(net, make_dicece(), epsilon=0.1)(sample["image"], sample["label"]))
     assert isinstance(t.attack, array_cls)
     assert set(t.last_stats) == {"epsilon", "loss_before", "loss_after"}
 
@@ -74,7 +63,7 @@ def test_aliases():
     assert issubclass(FGSMd, GradientSignd) and issubclass(InvFGSMd, GradientSignd)
 
 
-def test_in_compose_with_ordinary_transforms_metatensor(net, sample):
+def test_in_compose_with_ordinary_transforms_metatensor(net, sample, make_dicece, reference_fgsm):
     affine = torch.diag(torch.tensor([0.8, 0.8, 1.0, 1.0], dtype=torch.float64))
     raw = MetaTensor(sample["image"] * 1000 + 50, affine=affine, meta={"filename_or_obj": "img_007.nii.gz"})
     data = {"image": raw, "label": (sample["label"] * 1).to(torch.uint8)}
@@ -83,7 +72,7 @@ def test_in_compose_with_ordinary_transforms_metatensor(net, sample):
         [
             EnsureTyped(keys=["image", "label"], dtype=torch.float32),
             ScaleIntensityd(keys="image"),
-            FGSMd(keys="image", label_key="label", network=net, loss_function=dicece(), epsilon=0.05),
+            FGSMd(keys="image", label_key="label", network=net, loss_function=make_dicece(), epsilon=0.05),
         ]
     )
     out = pipeline(data)
@@ -93,30 +82,32 @@ def test_in_compose_with_ordinary_transforms_metatensor(net, sample):
     assert image.meta["filename_or_obj"] == "img_007.nii.gz"
     assert torch.equal(image.affine, affine)
     scaled = Compose([EnsureTyped(keys=["image", "label"], dtype=torch.float32), ScaleIntensityd(keys="image")])(data)
-    expected = reference(net, scaled["image"].as_tensor()[None], scaled["label"].as_tensor()[None], 0.05, 1.0)[0]
+    expected = reference_fgsm(
+        net, make_dicece(), scaled["image"].as_tensor()[None], scaled["label"].as_tensor()[None], 0.05, 1.0
+    )[0]
     assert torch.equal(image.as_tensor(), expected)
     assert image.min() >= 0 and image.max() <= 1
 
 
-def test_numpy_dict_keeps_types(net, sample):
+def test_numpy_dict_keeps_types(net, sample, make_dicece):
     data = {"image": sample["image"].numpy().astype(np.float64), "label": sample["label"].numpy().astype(np.uint8)}
-    out = FGSMd(keys="image", network=net, loss_function=dicece(), epsilon=0.1)(data)
+    out = FGSMd(keys="image", network=net, loss_function=make_dicece(), epsilon=0.1)(data)
     assert isinstance(out["image"], np.ndarray) and out["image"].dtype == np.float64
     assert out["label"] is data["label"]
     assert np.abs(out["image"] - data["image"]).max() == pytest.approx(0.1, abs=1e-6)
 
 
-def test_batched_dictionary(net, make_square_data):
+def test_batched_dictionary(net, make_square_data, make_dicece, reference_fgsm):
     images, mask = make_square_data(batch=3, size=16, seed=42)
-    out = InvFGSMd(keys="image", network=net, loss_function=dicece(), epsilon=0.1, batched=True)(
+    out = InvFGSMd(keys="image", network=net, loss_function=make_dicece(), epsilon=0.1, batched=True)(
         {"image": images, "label": mask}
     )
-    assert torch.equal(out["image"], reference(net, images, mask, 0.1, -1.0))
+    assert torch.equal(out["image"], reference_fgsm(net, make_dicece(), images, mask, 0.1, -1.0))
 
 
-def test_prob_zero_leaves_data_untouched(net, sample):
+def test_prob_zero_leaves_data_untouched(net, sample, make_dicece):
     snap = snapshot(sample)
-    t = FGSMd(keys=["image", "image2"], network=net, loss_function=dicece(), epsilon=0.1, prob=0.0)
+    t = FGSMd(keys=["image", "image2"], network=net, loss_function=make_dicece(), epsilon=0.1, prob=0.0)
     for _ in range(5):
         out = t(sample)
         assert out.keys() == sample.keys()
@@ -140,9 +131,9 @@ def _perturbed_pattern(t, sample, calls):
     return pattern, outputs
 
 
-def test_prob_half_is_reproducible_and_mixed(net, sample):
+def test_prob_half_is_reproducible_and_mixed(net, sample, make_dicece):
     def make(seed):
-        t = FGSMd(keys="image", network=net, loss_function=dicece(), epsilon=(0.01, 0.1), prob=0.5)
+        t = FGSMd(keys="image", network=net, loss_function=make_dicece(), epsilon=(0.01, 0.1), prob=0.5)
         assert t.set_random_state(seed) is t
         return t
 
@@ -155,18 +146,20 @@ def test_prob_half_is_reproducible_and_mixed(net, sample):
     assert pattern_c != pattern_a
 
 
-def test_compose_set_random_state_reaches_the_transform(net, sample):
+def test_compose_set_random_state_reaches_the_transform(net, sample, make_dicece):
     def run(seed):
-        pipeline = Compose([FGSMd(keys="image", network=net, loss_function=dicece(), epsilon=(0.0, 0.2), prob=0.5)])
+        pipeline = Compose(
+            [FGSMd(keys="image", network=net, loss_function=make_dicece(), epsilon=(0.0, 0.2), prob=0.5)]
+        )
         pipeline.set_random_state(seed)
         return [pipeline(sample)["image"] for _ in range(8)]
 
     assert all(torch.equal(a, b) for a, b in zip(run(5), run(5)))
 
 
-def test_epsilon_range_sampled_per_call_and_shared_across_keys(net, sample):
+def test_epsilon_range_sampled_per_call_and_shared_across_keys(net, sample, make_dicece):
     low, high = 0.02, 0.2
-    t = FGSMd(keys=["image", "image2"], network=net, loss_function=dicece(), epsilon=(low, high), clamp="none")
+    t = FGSMd(keys=["image", "image2"], network=net, loss_function=make_dicece(), epsilon=(low, high), clamp="none")
     t.set_random_state(0)
     epsilons = []
     for _ in range(8):
@@ -181,77 +174,77 @@ def test_epsilon_range_sampled_per_call_and_shared_across_keys(net, sample):
     assert len({round(e, 6) for e in epsilons}) == len(epsilons)
 
 
-def test_fixed_epsilon_is_used_every_call(net, sample):
-    t = FGSMd(keys="image", network=net, loss_function=dicece(), epsilon=0.07, clamp="none")
+def test_fixed_epsilon_is_used_every_call(net, sample, make_dicece):
+    t = FGSMd(keys="image", network=net, loss_function=make_dicece(), epsilon=0.07, clamp="none")
     for _ in range(3):
         out = t(sample)
         assert float(t.last_stats["epsilon"]) == pytest.approx(0.07)
         assert (out["image"] - sample["image"]).abs().max().item() == pytest.approx(0.07, abs=1e-6)
 
 
-def test_missing_image_key(net, sample):
+def test_missing_image_key(net, sample, make_dicece):
     data = {"label": sample["label"], "image": sample["image"]}
     with pytest.raises(KeyError, match="image2"):
-        FGSMd(keys=["image", "image2"], network=net, loss_function=dicece())(data)
+        FGSMd(keys=["image", "image2"], network=net, loss_function=make_dicece())(data)
     only_label = {"label": sample["label"]}
-    out = FGSMd(keys="image", network=net, loss_function=dicece(), allow_missing_keys=True)(only_label)
+    out = FGSMd(keys="image", network=net, loss_function=make_dicece(), allow_missing_keys=True)(only_label)
     assert out == only_label and out["label"] is only_label["label"]
-    out = FGSMd(keys=["image", "image2"], network=net, loss_function=dicece(), allow_missing_keys=True)(data)
+    out = FGSMd(keys=["image", "image2"], network=net, loss_function=make_dicece(), allow_missing_keys=True)(data)
     assert "image2" not in out and not torch.equal(out["image"], data["image"])
 
 
-def test_missing_label_key(net, sample):
+def test_missing_label_key(net, sample, make_dicece):
     data = {"image": sample["image"], "label": sample["label"]}
     with pytest.raises(KeyError, match="seg"):
-        FGSMd(keys="image", label_key="seg", network=net, loss_function=dicece())(data)
+        FGSMd(keys="image", label_key="seg", network=net, loss_function=make_dicece())(data)
 
 
-def test_error_leaves_input_untouched(net, sample):
+def test_error_leaves_input_untouched(net, sample, make_dicece):
     bad = sample["image2"].clone()
     bad[0, 0, 0] = math.nan
     data = {"image": sample["image"], "image2": bad, "label": sample["label"]}
     snap = snapshot(data)
     with pytest.raises(ValueError, match="NaN"):
-        FGSMd(keys=["image", "image2"], network=net, loss_function=dicece())(data)
+        FGSMd(keys=["image", "image2"], network=net, loss_function=make_dicece())(data)
     assert_unmodified(data, snap)
 
 
-def test_shape_mismatch_and_bad_label(net, sample):
+def test_shape_mismatch_and_bad_label(net, sample, make_dicece):
     with pytest.raises(ValueError) as info:
-        FGSMd(keys="image", network=net, loss_function=dicece())(
+        FGSMd(keys="image", network=net, loss_function=make_dicece())(
             {"image": sample["image"], "label": sample["label"][:, :8]}
         )
     assert "8, 16" in str(info.value) and "16, 16" in str(info.value)
     with pytest.raises(ValueError, match="class indices"):
-        FGSMd(keys="image", network=net, loss_function=dicece())(
+        FGSMd(keys="image", network=net, loss_function=make_dicece())(
             {"image": sample["image"], "label": sample["label"] * 255}
         )
 
 
 @pytest.mark.parametrize("epsilon", [-0.01, math.nan, (0.3, 0.1)])
-def test_bad_epsilon_at_construction(net, epsilon):
+def test_bad_epsilon_at_construction(net, epsilon, make_dicece):
     with pytest.raises(ValueError, match="epsilon"):
-        FGSMd(keys="image", network=net, loss_function=dicece(), epsilon=epsilon)
+        FGSMd(keys="image", network=net, loss_function=make_dicece(), epsilon=epsilon)
 
 
-def test_bad_construction_arguments(net):
+def test_bad_construction_arguments(net, make_dicece):
     with pytest.raises(ValueError, match="prob"):
-        FGSMd(keys="image", network=net, loss_function=dicece(), prob=1.5)
+        FGSMd(keys="image", network=net, loss_function=make_dicece(), prob=1.5)
     with pytest.raises(ValueError, match="label_key"):
-        InvFGSMd(keys=["image", "label"], label_key="label", network=net, loss_function=dicece())
+        InvFGSMd(keys=["image", "label"], label_key="label", network=net, loss_function=make_dicece())
 
 
-def test_integer_image_and_no_network(net, sample):
+def test_integer_image_and_no_network(net, sample, make_dicece):
     with pytest.raises(TypeError, match="floating point"):
-        FGSMd(keys="image", network=net, loss_function=dicece())(
+        FGSMd(keys="image", network=net, loss_function=make_dicece())(
             {"image": (sample["image"] * 255).to(torch.uint8), "label": sample["label"]}
         )
-    t = FGSMd(keys="image", loss_function=dicece())
+    t = FGSMd(keys="image", loss_function=make_dicece())
     with pytest.raises(RuntimeError, match="network"):
         t(sample)
     t.network = net
     assert t.attack.network is net and t.network is net
-    loss = dicece()
+    loss = make_dicece()
     t.loss_function = loss
     assert t.attack.loss_function is loss
     assert not torch.equal(t(sample)["image"], sample["image"])
@@ -260,8 +253,8 @@ def test_integer_image_and_no_network(net, sample):
 # ------------------------------------------------------------------------------------------ public surface, workers
 
 
-def test_public_surface_for_the_handler(net):
-    t = FGSMd(keys="image", network=net, loss_function=dicece(), epsilon=(0.05, 0.1), prob=0.5, batched=True)
+def test_public_surface_for_the_handler(net, make_dicece):
+    t = FGSMd(keys="image", network=net, loss_function=make_dicece(), epsilon=(0.05, 0.1), prob=0.5, batched=True)
     assert (t.method, InvFGSMd(keys="image").method) == ("fgsm", "invfgsm")
     assert t.params == {"epsilon": [0.05, 0.1], "num_steps": 1, "prob": 0.5, "clamp": "range"}
     assert t.batched and t.single_step and not t.tracks_loss and not t.amp
@@ -275,12 +268,12 @@ def test_public_surface_for_the_handler(net):
     assert any(draws) and not all(draws)
 
 
-def test_perturb_with_gradient_matches_the_call(net, make_square_data):
+def test_perturb_with_gradient_matches_the_call(net, make_square_data, make_dicece):
     images, labels = make_square_data(batch=3, size=16, seed=2)
-    t = InvFGSMd(keys="image", network=net, loss_function=dicece(), epsilon=0.07, batched=True)
+    t = InvFGSMd(keys="image", network=net, loss_function=make_dicece(), epsilon=0.07, batched=True)
     expected = t({"image": images, "label": labels})["image"]
     x = images.clone().requires_grad_(True)
-    (3.0 * dicece()(net(x), labels)).backward()  # any positive multiple of the loss gives the same signs
+    (3.0 * make_dicece()(net(x), labels)).backward()  # any positive multiple of the loss gives the same signs
     out = t.perturb_with_gradient({"image": images, "label": labels}, {"image": x.grad})
     torch.testing.assert_close(out["image"], expected, rtol=0, atol=1e-6)
     assert t.applied and float(t.last_stats["epsilon"]) == pytest.approx(0.07)
@@ -290,8 +283,8 @@ def test_perturb_with_gradient_matches_the_call(net, make_square_data):
         FGSMd(keys="image", num_steps=3, batched=True).perturb_with_gradient({"image": images}, {"image": x.grad})
 
 
-def test_empty_batch_is_refused(net):
-    t = FGSMd(keys="image", network=net, loss_function=dicece(), batched=True)
+def test_empty_batch_is_refused(net, make_dicece):
+    t = FGSMd(keys="image", network=net, loss_function=make_dicece(), batched=True)
     with pytest.raises(ValueError, match="empty batch"):
         t({"image": torch.zeros(0, 1, 8, 8), "label": torch.zeros(0, 1, 8, 8)})
 
@@ -311,9 +304,9 @@ class _Items(torch.utils.data.Dataset):
         return out
 
 
-def test_warns_once_inside_a_dataloader_worker(net, make_square_data):
+def test_warns_once_inside_a_dataloader_worker(net, make_square_data, make_dicece):
     images, labels = make_square_data(batch=3, size=16, seed=1)
-    t = FGSMd(keys="image", network=net, loss_function=dicece(), epsilon=0.05)
+    t = FGSMd(keys="image", network=net, loss_function=make_dicece(), epsilon=0.05)
     loader = torch.utils.data.DataLoader(
         _Items(t, images, labels), batch_size=None, num_workers=1, multiprocessing_context="fork"
     )

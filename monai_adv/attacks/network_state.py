@@ -33,8 +33,9 @@ def preserved_network_state(network: nn.Module, mode: NetworkMode = "eval") -> I
     """Run a block with ``network`` in ``mode`` and restore its state afterwards.
 
     Restored on exit, also when the block raises: every submodule's ``training`` flag, every
-    buffer (BatchNorm running statistics and ``num_batches_tracked``), and every parameter's
-    ``requires_grad`` flag. Parameters and their ``.grad`` are not copied: the attack functions
+    parameter's ``requires_grad`` flag and, when the block runs modules in training mode (``mode="train"``,
+    or ``"unchanged"`` with a module in training mode), every buffer (BatchNorm running statistics and
+    ``num_batches_tracked``); in eval mode buffers are only read, so they are not copied. Parameters and their ``.grad`` are not copied: the attack functions
     take gradients with ``torch.autograd.grad`` with respect to the input only, so they never
     write to them.
 
@@ -52,8 +53,10 @@ def preserved_network_state(network: nn.Module, mode: NetworkMode = "eval") -> I
     training_flags = [m.training for m in modules]
     parameters = list(network.parameters())
     requires_grad_flags = [p.requires_grad for p in parameters]
-    # BatchNorm in train mode updates running statistics in the forward pass; keep copies.
-    buffers = [(b, b.detach().clone()) for b in network.buffers()]
+    # BatchNorm updates running statistics only when it runs in training mode: keep copies of the
+    # buffers then (in eval mode they are read, not written, and copying them would cost every attack).
+    runs_training = mode == "train" or (mode == "unchanged" and any(training_flags))
+    buffers = [(b, b.detach().clone()) for b in network.buffers()] if runs_training else []
     try:
         if mode == "eval":
             network.eval()
@@ -61,10 +64,14 @@ def preserved_network_state(network: nn.Module, mode: NetworkMode = "eval") -> I
             network.train()
         yield network
     finally:
+        # Write back only what differs: setting hundreds of flags costs more than comparing them.
         for module, flag in zip(modules, training_flags):
-            module.training = flag
+            if module.training != flag:
+                module.training = flag
         for param, flag in zip(parameters, requires_grad_flags):
-            param.requires_grad_(flag)
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
+            if param.requires_grad != flag:
+                param.requires_grad_(flag)
+        if buffers:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)

@@ -22,6 +22,7 @@ from monai_adv.attacks import (
     Direction,
     LossFunction,
     NetworkMode,
+    NonFiniteLossError,
     ZeroGradientAction,
     ZeroInputGradientError,
     clamp_bounds,
@@ -76,7 +77,8 @@ def check_input_gradient(
         check_finite: refuse NaN/Inf gradients (off under a gradient scaler, whose overflowing steps it skips).
 
     Raises:
-        ValueError: for a non-finite gradient, or images outside ``value_range``.
+        NonFiniteLossError: for a non-finite gradient (a ``ValueError``).
+        ValueError: for images outside ``value_range``.
         ZeroInputGradientError: for an all-zero gradient with ``on_zero_gradient="raise"``.
     """
     checks = [torch.isfinite(gradient).all(), gradient.ne(0).any()]
@@ -84,7 +86,7 @@ def check_input_gradient(
         checks += [images.detach().min(), images.detach().max()]
     values = torch.stack([c.to(torch.float64) for c in checks]).tolist()  # the one sync
     if check_finite and not values[0]:
-        raise ValueError(
+        raise NonFiniteLossError(
             f"the input gradient (shape {tuple(gradient.shape)}) has NaN or Inf values: the loss or the network's "
             "output is not finite (check the weights, the learning rate and the images)."
         )

@@ -336,3 +336,17 @@ def test_zero_input_gradient(make_tiny_net, data):
         warnings.simplefilter("error")
         out = InvFGSM(net, nn.CrossEntropyLoss(), on_zero_gradient="ignore")(images[0], label)
     assert torch.equal(out, images[0])
+
+
+def test_a_given_non_finite_gradient_is_a_non_finite_loss_error():
+    """The fused handler's gradient comes from the training step: NaN there must be named as in the core."""
+    from monai_adv.attacks import NonFiniteLossError
+    from monai_adv.transforms.array import check_input_gradient
+
+    images = torch.rand(2, 1, 8, 8)
+    gradient = torch.randn(2, 1, 8, 8)
+    check_input_gradient(images, gradient)  # finite: passes
+    gradient[1, 0, 3, 3] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="NaN or Inf"):
+        check_input_gradient(images, gradient)
+    check_input_gradient(images, gradient, check_finite=False)  # under a GradScaler, which skips such steps

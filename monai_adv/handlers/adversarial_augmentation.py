@@ -250,7 +250,8 @@ class AdversarialAugmentationHandler(Randomizable):
             "adv_num_steps": first["num_steps"],
             "adv_prob": first["prob"],
             "adv_clamp": first["clamp"],
-            "adv_fused": self.fused and self.mode == "append",
+            # What the settings allow; the engine may still rule fusing out (another network or loss).
+            "adv_fused": self.fused and self.mode == "append" and all(t.single_step for t in self.transforms),
         }
         if self.mode == "replace":
             params["adv_replace_fraction"] = self.replace_fraction

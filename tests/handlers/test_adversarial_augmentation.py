@@ -473,3 +473,13 @@ def test_ddp_wrapped_network_trains_two_epochs(items, tmp_path: Path, make_basic
         assert moved > 0, "the DDP-wrapped network did not train"
     finally:
         dist.destroy_process_group()
+
+
+def test_params_say_an_iterative_attack_is_not_fused():
+    """num_steps > 1 always takes separate passes: the tracked adv_fused must not claim otherwise."""
+    single = AdversarialAugmentationHandler(FGSMd(keys="image", batched=True))
+    iterative = AdversarialAugmentationHandler(FGSMd(keys="image", batched=True, num_steps=3))
+    replacing = AdversarialAugmentationHandler(FGSMd(keys="image", batched=True), mode="replace")
+    assert single.params["adv_fused"] is True
+    assert iterative.params["adv_fused"] is False
+    assert replacing.params["adv_fused"] is False

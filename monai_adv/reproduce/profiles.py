@@ -46,7 +46,7 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         name="cpu",
         description="sized for a 2-core CPU (about 45 minutes for 3 seeds): 64x64 images, BasicUNet 16-128 features, "
-        "Dice+CE loss, Adam 1e-3, batch 16, 8 epochs, PGD with 5 steps (smaller and shorter than the paper's setup)",
+        "Dice+CE loss, Adam 1e-3, batch 16, 12 epochs, PGD with 5 steps (smaller and shorter than the paper's setup)",
         # adv#track_loss off: the handler's extra forward pass only logs the loss on the copies (saves ~10%)
         overrides={
             "image_size": 64,
@@ -55,7 +55,7 @@ PROFILES: dict[str, Profile] = {
             "learning_rate": 1e-3,
             "adv#track_loss": False,
         },
-        max_epochs=8,
+        max_epochs=12,
         pgd_steps=5,
     ),
     "paper": Profile(

@@ -389,15 +389,10 @@ def test_empty_transform_list_only_when_disabled():
     assert AdversarialAugmentationHandler([], enabled=False).params == {"adv_method": "none"}
 
 
-def test_batch_without_label_key_is_reported(items, make_basic_unet, make_dicece):
+def test_batch_without_label_key_is_reported(items, make_trainer):
     data = [{"image": item["image"], "seg": item["label"]} for item in items]
-    handler = AdversarialAugmentationHandler(FGSMd(keys="image", batched=True))
-    network = make_basic_unet()
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=1, train_data_loader=DataLoader(data, batch_size=4),
-        network=network, optimizer=torch.optim.SGD(network.parameters(), lr=0.0), loss_function=make_dicece(),
-        train_handlers=[handler],
-    )  # fmt: skip
+    trainer = make_trainer(data)
+    AdversarialAugmentationHandler(FGSMd(keys="image", batched=True)).attach(trainer)
     with pytest.raises(KeyError, match="label"):
         trainer.run()
 

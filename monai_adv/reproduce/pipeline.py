@@ -212,21 +212,42 @@ class Reproduction:
                             self.timings.get("offline augment (both methods)", 0) + elapsed
                         )
                     datalist = augment_dir / f"datalist_{offline}.json"
-                elapsed = self._bundle(
-                    "training", [], root, True, seed=seed, datalist_file=str(datalist), **common,
-                    **{"adv#method": online},
-                )  # fmt: skip
+                train_settings = {"seed": seed, "datalist_file": str(datalist), **common, "adv#method": online}
+                elapsed = self._step(root / "training_done.json", "training", [], root, True, train_settings)
                 self.timings[f"train {arm}"] = self.timings.get(f"train {arm}", 0) + elapsed
-                elapsed = self._bundle(
-                    "robustness", ["robustness.json"], root, False, seed=seed, datalist_file=str(datalists["test"]),
-                    output_dir=str(root / "robustness_test"), pgd_steps=self.profile.pgd_steps,
-                    num_examples=4, example_epsilon=self.profile.adv_epsilon,
+                robust_settings = {"seed": seed, "datalist_file": str(datalists["test"]),
+                                   "output_dir": str(root / "robustness_test"), "pgd_steps": self.profile.pgd_steps,
+                                   "num_examples": 4, "example_epsilon": self.profile.adv_epsilon}  # fmt: skip
+                elapsed = self._step(
+                    root / "robustness_test" / "done.json", "robustness", ["robustness.json"], root, False,
+                    robust_settings,
                 )  # fmt: skip
                 self.timings["robustness (test split)"] = self.timings.get("robustness (test split)", 0) + elapsed
                 results["arms"].setdefault(arm, {})[str(seed)] = self.collect(root)
         results["counts"] = self.counts
         (self.work_dir / "raw_results.json").write_text(json.dumps(results, indent=1))
         return results
+
+    def _step(
+        self, marker: Path, run_id: str, overlays: Sequence[str], root: Path, tracking: bool, settings: dict[str, Any]
+    ) -> float:
+        """Run a bundle workflow unless ``marker`` says it already ran with the same ``settings`` (resume).
+
+        Returns:
+            the step's seconds (those of the earlier run when it is skipped).
+
+        The marker is written only after the step completed, so a step that was stopped is run again.
+        """
+        recorded = json.loads(json.dumps(settings, default=str))
+        if marker.is_file():
+            done = json.loads(marker.read_text())
+            if done.get("settings") == recorded:
+                logger.info("skipping a step that already ran (%s)", marker)
+                return float(done["seconds"])
+        elapsed = self._bundle(run_id, overlays, root, tracking, **settings)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"settings": recorded, "seconds": elapsed}, indent=1))
+        return elapsed
 
     @staticmethod
     def collect(root: Path) -> dict[str, Any]:

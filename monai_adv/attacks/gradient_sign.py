@@ -17,15 +17,12 @@ and :func:`project_and_clamp` alone, without a second gradient pass.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
-
-from monai_adv.attacks.network_state import NetworkMode, preserved_network_state, unwrap_network
 
 __all__ = [
     "AttackResult",
@@ -81,12 +78,15 @@ class AttackResult:
         epsilon: the per-sample perturbation bound actually used, shape ``(B,)``.
         loss_before: mean loss on the clean batch (detached 0-dim tensor).
         loss_after: mean loss on the perturbed batch, or None unless ``return_loss_after``.
+        iou: each image's foreground IoU at the result ``(B,)``, when the attack measured it (a best iterate or
+            restarts), else None.
     """
 
     images: torch.Tensor
     epsilon: torch.Tensor
     loss_before: torch.Tensor
     loss_after: torch.Tensor | None = None
+    iou: torch.Tensor | None = None
 
 
 def _direction_sign(direction: Direction) -> float:
@@ -187,12 +187,15 @@ def _compute_loss(
     _check_labels_fit_prediction(pred, labels, stats)
     try:
         loss = loss_function(pred, labels)
-    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as err:
-        name = getattr(loss_function, "__name__", type(loss_function).__name__)
-        raise ValueError(
-            f"loss_function {name} failed on a prediction of shape {tuple(pred.shape)} and a "
-            f"{_describe_label(labels, stats)}: {err}"
-        ) from err
+    except Exception as err:
+        # Keep the error's type (an out-of-memory error must stay one); only say what the loss was given.
+        if hasattr(err, "add_note"):
+            name = getattr(loss_function, "__name__", type(loss_function).__name__)
+            err.add_note(
+                f"monai-adv: loss_function {name} failed on a prediction of shape {tuple(pred.shape)} and a "
+                f"{_describe_label(labels, stats)}."
+            )
+        raise
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"loss_function must return a torch.Tensor, got {type(loss).__name__}.")
     return loss.mean() if loss.ndim > 0 else loss
@@ -233,21 +236,43 @@ def _raise_non_finite(network: nn.Module, loss: torch.Tensor, loss_finite: bool)
     )
 
 
-def _input_gradient(
-    network: nn.Module,
-    loss_function: LossFunction,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    amp: bool,
-    label_stats: _LabelStats | None,
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """:func:`input_gradient` plus whether the gradient is zero everywhere, with a single host-device
-    synchronisation for all the checks (two only when a scaled float16 gradient overflows)."""
+#: ``objective(pred) -> (loss, per_image)``: the scalar loss to differentiate, and its value per image or None.
+Objective = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+@dataclass
+class GradientPass:
+    """What one gradient pass of :func:`objective_gradient` returns (all detached).
+
+    Attributes:
+        gradient: the input gradient, shape and dtype of the images.
+        loss: the scalar loss.
+        per_image: the loss per image ``(B,)``, or None when the objective gives only a scalar.
+        logits: the prediction at the images (float).
+        zero: whether the gradient is zero everywhere.
+    """
+
+    gradient: torch.Tensor
+    loss: torch.Tensor
+    per_image: torch.Tensor | None
+    logits: torch.Tensor
+    zero: bool
+
+
+def objective_gradient(network: nn.Module, images: torch.Tensor, objective: Objective, amp: bool) -> GradientPass:
+    """The input gradient of ``objective(network(images))`` with one host-device synchronisation for every check
+    (two only when a scaled float16 gradient overflows).
+
+    Raises:
+        TypeError: for a network output that is not a tensor (or a tuple/list starting with one).
+        ValueError: when the loss does not depend on the images.
+        NonFiniteLossError: for a NaN or infinite loss or gradient.
+    """
     with torch.inference_mode(False), torch.enable_grad():
         x = images.detach().clone().requires_grad_(True)
         with torch.autocast(device_type=x.device.type, enabled=amp):
             pred = _prediction(network(_as_network_input(network, x)))
-        loss = _compute_loss(loss_function, pred.float() if amp else pred, labels, label_stats)
+        loss, per_image = objective(pred.float() if amp else pred)
         if not loss.requires_grad:
             raise ValueError(
                 "the loss does not depend on the input images (no autograd graph): check that the network "
@@ -266,7 +291,28 @@ def _input_gradient(
             grad_finite, nonzero = torch.stack([torch.isfinite(grad).all(), grad.any()]).tolist()
     if not (loss_finite and grad_finite):
         _raise_non_finite(network, loss.detach(), bool(loss_finite))
-    return grad.detach(), loss.detach(), not nonzero
+    return GradientPass(
+        grad.detach(),
+        loss.detach(),
+        None if per_image is None else per_image.detach(),
+        pred.detach().float(),
+        not nonzero,
+    )
+
+
+def _input_gradient(
+    network: nn.Module,
+    loss_function: LossFunction,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    amp: bool,
+    label_stats: _LabelStats | None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """:func:`input_gradient` plus whether the gradient is zero everywhere."""
+    result = objective_gradient(
+        network, images, lambda pred: (_compute_loss(loss_function, pred, labels, label_stats), None), amp
+    )
+    return result.gradient, result.loss, result.zero
 
 
 def input_gradient(
@@ -493,140 +539,62 @@ def _batch_statistics(images: torch.Tensor, labels: torch.Tensor, epsilon: torch
 
 def gradient_sign_attack(
     network: nn.Module,
-    loss_function: LossFunction,
+    loss_function: LossFunction | None,
     images: torch.Tensor,
     labels: torch.Tensor,
     epsilon: float | torch.Tensor,
     direction: Direction = "ascend",
-    num_steps: int = 1,
-    step_size: float | None = None,
-    random_start: bool = False,
-    clamp: ClampMode = "range",
-    value_range: Sequence[float] = (0.0, 1.0),
-    network_mode: NetworkMode = "eval",
-    amp: bool = False,
+    *,
+    spec: Any = None,
     generator: torch.Generator | None = None,
     return_loss_after: bool = False,
-    on_zero_gradient: ZeroGradientAction = "raise",
+    **options: Any,
 ) -> AttackResult:
     """Perturb a batch along the sign of the loss gradient (FGSM / Inverse FGSM and iterative forms).
 
-    With ``num_steps=1`` and no random start this is FGSM, ``x + eps * sign(grad_x L)``
-    (``direction="ascend"``), or Inverse FGSM, ``x - eps * sign(grad_x L)`` (``"descend"``),
-    as in Pervin et al., "Adversarial attack driven data augmentation for accurate and robust
-    medical image segmentation". With ``num_steps > 1`` it is I-FGSM / PGD (or its inverse):
-    each step moves by ``step_size`` and is projected back onto the ``epsilon`` ball and the
-    value bounds.
-
-    The network is left as it was (see :func:`preserved_network_state`); a
-    ``DistributedDataParallel`` wrapper is bypassed so that no gradient synchronisation happens.
+    With one step and no random start this is FGSM, ``x + eps * sign(grad_x L)`` (``direction="ascend"``), or
+    Inverse FGSM, ``x - eps * sign(grad_x L)`` (``"descend"``), as in Pervin et al., "Adversarial attack driven data
+    augmentation for accurate and robust medical image segmentation". With ``num_steps > 1`` it is I-FGSM / PGD (or
+    its inverse): each step moves by ``step_size`` and is projected back onto the ``epsilon`` ball and the value
+    bounds. A shorthand for :func:`monai_adv.attacks.run_attack` with an
+    :class:`~monai_adv.attacks.AttackSpec` built from ``options`` (or given as ``spec``).
 
     Args:
         network: the segmentation network. It must return the prediction tensor, or a tuple/list
             whose first element is the prediction (deep supervision); a dict is refused.
-        loss_function: ``loss_function(pred, labels)``: any MONAI or torch loss.
+        loss_function: ``loss_function(pred, labels)``: any MONAI or torch loss (None with a spec ``loss``).
         images: ``(B, C, *spatial)`` floating-point batch on the network's device, ``B >= 1``.
         labels: ``(B, C_l, *spatial)`` or ``(B, *spatial)`` labels.
         epsilon: L-infinity bound: a number, or a ``(B,)`` tensor (one bound per sample). A bound
             at least as wide as ``value_range`` (``clamp="range"``) gives a warning: it lets every
             pixel jump to a bound, which is almost always an epsilon on the wrong scale.
         direction: ``"ascend"`` (FGSM, raise the loss) or ``"descend"`` (Inverse FGSM, lower it).
-        num_steps: gradient steps; 1 is the fast single-step method.
-        step_size: size of each step; default ``epsilon`` for one step, else ``2.5 * epsilon / num_steps``.
-            A number is used for every sample.
-        random_start: start from a uniform random point in the epsilon ball (PGD).
-        clamp: ``"range"`` (``value_range``), ``"image"`` (each image's own min/max) or ``"none"``.
-        value_range: bounds for ``clamp="range"``; images must already lie inside them.
-        network_mode: ``"eval"`` (default), ``"train"`` or ``"unchanged"`` while attacking.
-        amp: forward passes under ``torch.autocast``.
+        spec: an :class:`~monai_adv.attacks.AttackSpec` (or a mapping of its options) that ``options`` refine.
         generator: random generator for ``random_start`` (on the images' device).
         return_loss_after: also compute the loss on the result (one extra forward pass).
-        on_zero_gradient: what to do when the input gradient is zero everywhere at the first
-            step (e.g. softmax over one output channel): ``"raise"``, ``"warn"`` or ``"ignore"``.
+        options: :class:`~monai_adv.attacks.AttackSpec` fields: ``num_steps``, ``step_size``, ``random_start``,
+            ``clamp``, ``value_range``, ``network_mode``, ``amp``, ``on_zero_gradient`` and the rest.
 
     Returns:
         An :class:`AttackResult`.
 
     Raises:
         TypeError: non-tensor or non-floating-point images; a network output that is not a tensor
-            or a tuple/list starting with one.
+            or a tuple/list starting with one; an unknown option.
         ValueError: an empty batch, bad epsilon, step settings, shapes, NaN/Inf values, labels that
-            do not fit the prediction or the loss, or images outside ``value_range``.
+            do not fit the prediction, or images outside ``value_range``.
         NonFiniteLossError: when the loss or its input gradient is NaN or Inf at any step (e.g. NaN
             weights after a diverged training), instead of silently returning the images unchanged.
         ZeroInputGradientError: when the input gradient is identically zero and
             ``on_zero_gradient="raise"``.
     """
-    batch_size = images.shape[0] if isinstance(images, torch.Tensor) and images.ndim > 0 else 0
-    if isinstance(epsilon, torch.Tensor):
-        eps = epsilon.detach().to(device=images.device, dtype=torch.float64).flatten()
-        if eps.numel() == 1 and batch_size != 1:
-            eps = eps.expand(batch_size)
-    else:
-        eps = torch.full((batch_size,), float(epsilon), dtype=torch.float64, device=getattr(images, "device", None))
-    _validate_types_and_shapes(images, labels, eps, num_steps, step_size)
-    _direction_sign(direction)
-    if on_zero_gradient not in _ZERO_GRADIENT_ACTIONS:
-        raise ValueError(f"on_zero_gradient must be one of {_ZERO_GRADIENT_ACTIONS}, got {on_zero_gradient!r}.")
+    from monai_adv.attacks.attack import run_attack
+    from monai_adv.attacks.spec import AttackSpec
 
-    images = images.detach()
-    labels = labels.detach()
-    stats = _batch_statistics(images, labels, eps)
-    bounds = _bounds(images, clamp, value_range, lambda: (stats.image_low, stats.image_high))
-    if clamp == "range":
-        low_value, high_value = _value_range(value_range)
-        if stats.epsilon_max >= high_value - low_value:
-            warnings.warn(
-                f"epsilon {stats.epsilon_max:g} is at least the whole value range ({low_value:g}, {high_value:g}): "
-                "every pixel the gradient touches is pushed to a bound, which destroys the image. Give epsilon on "
-                "the images' scale (e.g. 8/255 = 0.031 for images in [0, 1]).",
-                stacklevel=2,
-            )
-    eps = eps.to(images.dtype)
-    step = (
-        eps
-        if step_size is None and num_steps == 1
-        else (eps * (2.5 / num_steps) if step_size is None else torch.full_like(eps, step_size))
-    )
-    module = unwrap_network(network)
-
-    with preserved_network_state(module, network_mode):
-        adversarial = images
-        if random_start:
-            noise = torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-            adversarial = project_and_clamp(
-                images + (2 * noise - 1) * _per_sample(eps, images.ndim), images, eps, bounds
-            )
-        gradient, loss_before, zero_gradient = _input_gradient(
-            module, loss_function, adversarial, labels, amp, stats.labels
-        )
-        if zero_gradient and on_zero_gradient != "ignore":
-            message = (
-                "the gradient of the loss with respect to the input is zero everywhere, so the "
-                "perturbation would return the images unchanged. A common cause is softmax over a single "
-                "output channel (e.g. DiceCELoss(softmax=True) or CrossEntropy with out_channels=1): use "
-                "two or more output channels, or sigmoid=True for a one-channel head."
-            )
-            if on_zero_gradient == "raise":
-                raise ZeroInputGradientError(message)
-            warnings.warn(message, stacklevel=2)
-        for index in range(num_steps):
-            if index > 0:
-                gradient, _, _ = _input_gradient(module, loss_function, adversarial, labels, amp, None)
-            adversarial = signed_gradient_step(adversarial, gradient, step, direction)
-            adversarial = project_and_clamp(adversarial, images, eps, bounds)
-        if random_start:
-            # The first gradient pass ran at the random start, not at the clean images.
-            loss_before = _forward_loss(module, loss_function, images, labels, amp)
-        loss_after = _forward_loss(module, loss_function, adversarial, labels, amp) if return_loss_after else None
-    return AttackResult(images=adversarial.detach(), epsilon=eps, loss_before=loss_before, loss_after=loss_after)
-
-
-def _forward_loss(
-    network: nn.Module, loss_function: LossFunction, images: torch.Tensor, labels: torch.Tensor, amp: bool
-) -> torch.Tensor:
-    """Mean loss without gradients; the labels were checked by the gradient pass before it."""
-    with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=amp):
-        pred = _prediction(network(_as_network_input(network, images)))
-    with torch.no_grad():
-        return _compute_loss(loss_function, pred.float() if amp else pred, labels, None).detach()
+    value = float(epsilon) if isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) else 0.0
+    attack = AttackSpec.create(spec, direction=direction, epsilon=max(value, 0.0) if math.isfinite(value) else 0.0,
+                               **options)  # fmt: skip
+    return run_attack(
+        network, images, labels, attack, loss_function, epsilon=epsilon, generator=generator,
+        return_loss_after=return_loss_after,
+    )  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,15 +18,15 @@ from monai.utils.type_conversion import convert_to_dst_type, convert_to_tensor
 from torch import nn
 
 from monai_adv.attacks import (
+    AttackSpec,
     ClampMode,
     Direction,
     LossFunction,
-    NetworkMode,
     NonFiniteLossError,
     ZeroGradientAction,
     ZeroInputGradientError,
     clamp_bounds,
-    gradient_sign_attack,
+    run_attack,
     signed_gradient_step,
 )
 
@@ -130,22 +130,21 @@ class GradientSign(Randomizable, Transform):
     Args:
         network: the segmentation network. May be set later (``transform.network = net``), e.g.
             by :class:`monai_adv.handlers.AdversarialAugmentationHandler`.
-        loss_function: ``loss_function(pred, label)``, e.g. ``DiceCELoss(to_onehot_y=True, softmax=True)``.
+        loss_function: ``loss_function(pred, label)``, e.g. ``DiceCELoss(to_onehot_y=True, softmax=True)``; may be
+            None when the attack spec names its own ``loss``.
         epsilon: L-infinity size of the perturbation, or a ``(low, high)`` range sampled uniformly per call.
-        num_steps: 1 for FGSM; more for the iterative (projected) form.
-        step_size: step of the iterative form; default ``2.5 * epsilon / num_steps``.
-        random_start: start the iterative form from a random point in the epsilon ball.
-        clamp: ``"range"`` (``value_range``), ``"image"`` (each image's own min/max) or ``"none"``.
-        value_range: ``(low, high)`` for ``clamp="range"``; the default suits images scaled to [0, 1].
-        network_mode: network mode during the attack: ``"eval"``, ``"train"`` or ``"unchanged"``.
+        spec: an :class:`monai_adv.attacks.AttackSpec` (or a mapping of its options) with the attack's settings;
+            its direction is this class's.
         batched: take ``(B, C, *spatial)`` batches instead of single items.
-        amp: run the network under ``torch.autocast``.
         return_loss_after: also measure the loss on the perturbed image (one more forward pass).
-        on_zero_gradient: ``"raise"``, ``"warn"`` or ``"ignore"`` when the input gradient is zero everywhere.
+        options: any other :class:`monai_adv.attacks.AttackSpec` option, refining ``spec``: ``num_steps``,
+            ``step_size``, ``random_start``, ``clamp``, ``value_range``, ``network_mode``, ``amp``,
+            ``on_zero_gradient``, ``schedule``, ``loss``, ``radii``, ``restarts``, ``keep_best``.
 
     Raises:
-        TypeError: for a badly typed ``epsilon``.
-        ValueError: for a negative, reversed or non-finite ``epsilon``.
+        TypeError: for an unknown option.
+        ValueError: for a bad option value (e.g. a negative, reversed or non-finite ``epsilon``, ``num_steps=0``,
+            ``clamp="bogus"``), naming it: the spec is validated here, once.
     """
 
     direction: ClassVar[Direction] = "ascend"
@@ -156,34 +155,75 @@ class GradientSign(Randomizable, Transform):
         self,
         network: nn.Module | None = None,
         loss_function: LossFunction | None = None,
-        epsilon: float | Sequence[float] = 0.1,
-        num_steps: int = 1,
-        step_size: float | None = None,
-        random_start: bool = False,
-        clamp: ClampMode = "range",
-        value_range: Sequence[float] = (0.0, 1.0),
-        network_mode: NetworkMode = "eval",
+        epsilon: float | Sequence[float] | None = None,
+        spec: AttackSpec | Mapping[str, Any] | None = None,
         batched: bool = False,
-        amp: bool = False,
         return_loss_after: bool = False,
-        on_zero_gradient: ZeroGradientAction = "raise",
+        **options: Any,
     ) -> None:
+        if "direction" in options:
+            raise TypeError(f"{type(self).__name__} has a fixed direction ({self.direction!r}): do not pass one.")
+        if epsilon is not None:
+            _epsilon_range(epsilon)  # the historic TypeError for a badly typed epsilon
+            options["epsilon"] = epsilon
+        self.spec = AttackSpec.create(spec, direction=self.direction, **options)
         self.network = network
         self.loss_function = loss_function
-        self.epsilon = _epsilon_range(epsilon)
-        self.num_steps = num_steps
-        self.step_size = step_size
-        self.random_start = random_start
-        self.clamp = clamp
-        self.value_range = tuple(value_range)
-        self.network_mode = network_mode
         self.batched = batched
-        self.amp = amp
         self.return_loss_after = return_loss_after
-        self.on_zero_gradient = on_zero_gradient
         self._epsilon = self.epsilon[0]
         self._seed = 0
         self.last_stats: dict[str, torch.Tensor | None] = {}
+
+    @property
+    def epsilon(self) -> tuple[float, float]:
+        """The epsilon range ``(low, high)`` (equal bounds for a fixed epsilon)."""
+        eps = self.spec.epsilon
+        return eps if isinstance(eps, tuple) else (eps, eps)
+
+    @property
+    def num_steps(self) -> int:
+        """Gradient steps of the attack."""
+        return self.spec.num_steps
+
+    @property
+    def step_size(self) -> float | None:
+        """Step of the iterative form (None: the default)."""
+        return self.spec.step_size
+
+    @property
+    def random_start(self) -> bool:
+        """Whether the attack starts at a random point of the epsilon ball."""
+        return self.spec.random_start
+
+    @property
+    def clamp(self) -> str:
+        """The clamp mode (``"range"``, ``"image"`` or ``"none"``)."""
+        return self.spec.clamp
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """Bounds for ``clamp="range"``."""
+        return self.spec.value_range
+
+    @property
+    def network_mode(self) -> str:
+        """The network's mode during the attack."""
+        return self.spec.network_mode
+
+    @property
+    def on_zero_gradient(self) -> str:
+        """What happens when the input gradient is zero everywhere."""
+        return self.spec.on_zero_gradient
+
+    @property
+    def amp(self) -> bool:
+        """Whether the attack's forward passes run under ``torch.autocast``."""
+        return self.spec.amp
+
+    @amp.setter
+    def amp(self, amp: bool) -> None:
+        self.spec = self.spec.replace(amp=bool(amp))
 
     def randomize(self, data: Any = None) -> None:
         """Sample this call's epsilon (from a range) and the seed of the random start."""
@@ -207,7 +247,7 @@ class GradientSign(Randomizable, Transform):
             ValueError: for NaN/Inf values, mismatched shapes, labels that do not fit the loss,
                 or images outside ``value_range``.
         """
-        if self.network is None or self.loss_function is None:
+        if self.network is None or (self.loss_function is None and self.spec.loss is None):
             raise RuntimeError(
                 f"{type(self).__name__} needs a network and a loss_function: pass them to the constructor or "
                 "attach it through AdversarialAugmentationHandler, which uses the trainer's."
@@ -234,25 +274,17 @@ class GradientSign(Randomizable, Transform):
         if not self.batched:
             images, labels = images.unsqueeze(0), labels.unsqueeze(0)
         generator = None
-        if self.random_start:
+        if self.random_start or self.spec.restarts > 1:
             generator = torch.Generator(device=device).manual_seed(self._seed)
-        result = gradient_sign_attack(
+        result = run_attack(
             self.network,
-            self.loss_function,
             images,
             labels,
+            self.spec,
+            self.loss_function,
             epsilon=self._epsilon,
-            direction=self.direction,
-            num_steps=self.num_steps,
-            step_size=self.step_size,
-            random_start=self.random_start,
-            clamp=self.clamp,  # type: ignore[arg-type]
-            value_range=self.value_range,
-            network_mode=self.network_mode,  # type: ignore[arg-type]
-            amp=self.amp,
             generator=generator,
             return_loss_after=self.return_loss_after,
-            on_zero_gradient=self.on_zero_gradient,  # type: ignore[arg-type]
         )
         self.last_stats = {
             "epsilon": result.epsilon.mean(),
@@ -264,8 +296,9 @@ class GradientSign(Randomizable, Transform):
 
     @property
     def single_step(self) -> bool:
-        """Whether this is the single-step form (no random start), which needs only the gradient at the image."""
-        return self.num_steps == 1 and not self.random_start
+        """Whether this is the single-step form (one signed step of the given loss from the image, no random
+        start), which needs only the gradient at the image."""
+        return self.spec.single_step
 
     def from_gradient(
         self, img: torch.Tensor, gradient: torch.Tensor, randomize: bool = True, validate: bool = True

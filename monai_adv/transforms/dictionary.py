@@ -13,7 +13,7 @@ from monai.config.type_definitions import NdarrayOrTensor
 from monai.transforms.transform import MapTransform, RandomizableTransform
 from torch import nn
 
-from monai_adv.attacks import ClampMode, LossFunction, NetworkMode, ZeroGradientAction
+from monai_adv.attacks import AttackSpec, LossFunction
 from monai_adv.transforms.array import FGSM, GradientSign, InvFGSM, check_input_gradient
 
 __all__ = ["FGSMD", "FGSMDict", "FGSMd", "GradientSignd", "InvFGSMD", "InvFGSMDict", "InvFGSMd"]
@@ -34,9 +34,9 @@ class GradientSignd(RandomizableTransform, MapTransform):
     with probability ``prob`` per call (seeded by :meth:`set_random_state`), else the data is
     returned untouched. All keys share the epsilon sampled for the call. The input mapping is
     not modified: a new dictionary is returned, and on an error nothing is half-written.
-    The arguments ``network``, ``loss_function``, ``epsilon``, ``num_steps``, ``step_size``,
-    ``random_start``, ``clamp``, ``value_range``, ``network_mode``, ``batched``, ``amp``,
-    ``return_loss_after`` and ``on_zero_gradient`` are as for :class:`monai_adv.transforms.GradientSign`.
+    ``network``, ``loss_function``, ``epsilon``, ``spec``, ``batched``, ``return_loss_after`` and the attack
+    ``options`` (the fields of :class:`monai_adv.attacks.AttackSpec`: ``num_steps``, ``clamp``, ...) are as for
+    :class:`monai_adv.transforms.GradientSign`, and are validated here.
 
     Args:
         keys: keys of the images to perturb.
@@ -45,7 +45,8 @@ class GradientSignd(RandomizableTransform, MapTransform):
         allow_missing_keys: skip image keys that are missing instead of raising.
 
     Raises:
-        ValueError: for ``prob`` outside [0, 1], or a ``label_key`` that is also an image key.
+        ValueError: for ``prob`` outside [0, 1], a ``label_key`` that is also an image key, or a bad attack option.
+        TypeError: for an unknown attack option.
     """
 
     array_class: ClassVar[type[GradientSign]] = GradientSign
@@ -57,19 +58,13 @@ class GradientSignd(RandomizableTransform, MapTransform):
         label_key: str = "label",
         network: nn.Module | None = None,
         loss_function: LossFunction | None = None,
-        epsilon: float | Sequence[float] = 0.1,
+        epsilon: float | Sequence[float] | None = None,
         prob: float = 1.0,
-        num_steps: int = 1,
-        step_size: float | None = None,
-        random_start: bool = False,
-        clamp: ClampMode = "range",
-        value_range: Sequence[float] = (0.0, 1.0),
-        network_mode: NetworkMode = "eval",
+        spec: AttackSpec | Mapping[str, Any] | None = None,
         batched: bool = False,
-        amp: bool = False,
         return_loss_after: bool = False,
-        on_zero_gradient: ZeroGradientAction = "raise",
         allow_missing_keys: bool = False,
+        **options: Any,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         if not 0.0 <= float(prob) <= 1.0:
@@ -82,16 +77,10 @@ class GradientSignd(RandomizableTransform, MapTransform):
             network=network,
             loss_function=loss_function,
             epsilon=epsilon,
-            num_steps=num_steps,
-            step_size=step_size,
-            random_start=random_start,
-            clamp=clamp,
-            value_range=value_range,
-            network_mode=network_mode,
+            spec=spec,
             batched=batched,
-            amp=amp,
             return_loss_after=return_loss_after,
-            on_zero_gradient=on_zero_gradient,
+            **options,
         )
         self._applied = False
         self._warned_worker = False
@@ -164,6 +153,11 @@ class GradientSignd(RandomizableTransform, MapTransform):
     @amp.setter
     def amp(self, amp: bool) -> None:
         self.attack.amp = bool(amp)
+
+    @property
+    def spec(self) -> AttackSpec:
+        """The attack's validated settings (shared with the inner array transform)."""
+        return self.attack.spec
 
     @property
     def params(self) -> dict[str, Any]:

@@ -438,14 +438,18 @@ def test_image_outside_value_range(setup):
         gradient_sign_attack(net, loss_fn, images * 3, mask, 0.1)
 
 
-def test_loss_function_failure_is_reported(setup):
+@pytest.mark.parametrize("error", [RuntimeError, torch.OutOfMemoryError, KeyError])
+def test_loss_function_failure_keeps_its_type(setup, error):
+    # an out-of-memory error must stay one (a caller may catch it and retry smaller); the note says what the loss got
     net, _, images, mask = setup
 
     def broken(pred, label):
-        raise RuntimeError("boom")
+        raise error("boom")
 
-    with pytest.raises(ValueError, match="boom"):
+    with pytest.raises(error, match="boom") as info:
         gradient_sign_attack(net, broken, images, mask, 0.1)
+    assert type(info.value) is error
+    assert any("shape (2, 2, 16, 16)" in note for note in getattr(info.value, "__notes__", []))
 
 
 def test_zero_input_gradient(make_tiny_net, make_square_data):

@@ -169,3 +169,51 @@ def make_tiny_net():
 def make_square_data():
     """Factory fixture: ``make_square_data(batch=2, size=16, spatial_dims=2, ...) -> (images, labels)``."""
     return square_data
+
+
+def trained_square_unet(
+    spatial_dims: int = 2, num_classes: int = 2, size: int = 32, iterations: int = 60, seed: int = 0
+) -> tuple[BasicUNet, list[dict[str, torch.Tensor]]]:
+    """A small BasicUNet trained for a few seconds on bright squares (class ``c`` at brightness ``c / (K - 1)``
+    scaled into [0.2, 0.8]), and two held-out batches of 4 ``{"image", "label"}``. The global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = BasicUNet(
+            spatial_dims=spatial_dims, in_channels=1, out_channels=num_classes, features=BASIC_UNET_FEATURES
+        )
+
+        def batch(data_seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+            images, masks = square_data(batch=count, size=size, spatial_dims=spatial_dims, seed=data_seed)
+            if num_classes > 2:  # the lower half of each square is another class, a little brighter
+                half = torch.zeros_like(masks)
+                half[..., size // 2 :] = 1  # the last axis's upper half
+                labels = masks * (1 + half * (num_classes - 2))
+                images = (images + 0.15 * labels / (num_classes - 1) * masks).clamp(0, 1)
+                return images, labels
+            return images, masks
+
+        loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+        for step in range(iterations):
+            images, labels = batch(1000 + step, 8)
+            optimizer.zero_grad()
+            loss(net(images), labels).backward()
+            optimizer.step()
+        net.eval()
+        held_out = [dict(zip(("image", "label"), batch(seed, 4))) for seed in (1, 2)]
+    return net, held_out
+
+
+@pytest.fixture(scope="session")
+def make_trained_unet():
+    """Factory fixture: ``make_trained_unet(spatial_dims=2, num_classes=2, size=32, iterations=60)`` -> ``(net,
+    batches)``: a small BasicUNet trained briefly on squares, with two held-out batches of 4."""
+    cache: dict[tuple, tuple] = {}
+
+    def make(**kwargs):
+        key = tuple(sorted(kwargs.items()))
+        if key not in cache:
+            cache[key] = trained_square_unet(**kwargs)
+        return cache[key]
+
+    return make

@@ -65,7 +65,7 @@ def apgd_checkpoints(num_steps: int) -> list[int]:
     ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``, below ``N``."""
     points, previous, current = [], 0.0, 0.22
     while current < 1.0:
-        step = math.ceil(current * num_steps)
+        step = math.ceil(current * num_steps - 1e-9)  # 0.57 * 100 is 57.000000001 in floating point
         if 0 < step < num_steps and step not in points:
             points.append(step)
         previous, current = current, current + max(current - previous - 0.03, 0.06)

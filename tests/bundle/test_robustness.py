@@ -1,4 +1,5 @@
-"""``run robustness``: IoU/Dice of a checkpoint, clean and under FGSM, Inverse FGSM and PGD, as a user runs it."""
+"""``run robustness``: IoU/Dice of a checkpoint, clean, under every attack and their per-image worst case, with the
+gradient-masking checks, as a user runs it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ def eval_settings(bundle) -> dict:
     return {k: v for k, v in bundle.tiny.items() if k != "max_epochs"}
 
 
+# a small budget: the point is the workflow, not the numbers
+BUDGET = {"epsilons": [0.0, 2 / 255, 0.1176], "num_steps": 3}
+
+
 def test_robustness_rows_files_and_mlflow(bundle, trained_bundle, tmp_path):
     root = bundle.copy_outputs(trained_bundle.root, tmp_path / "bundle")
     settings = eval_settings(bundle)
@@ -26,45 +31,61 @@ def test_robustness_rows_files_and_mlflow(bundle, trained_bundle, tmp_path):
 
     run = bundle.run(
         "run", "robustness", "--config_file", robustness_configs(bundle), "--bundle_root", root,
-        "--tracking", "mlflow", "--output_dir", root / "robust", *bundle.overrides(settings),
+        "--tracking", "mlflow", "--output_dir", root / "robust", *bundle.overrides({**settings, **BUDGET}),
     )  # fmt: skip
     out = root / "robust"
     summary = json.loads((out / "robustness.json").read_text())
     assert summary["checkpoint"] == str(root / "models" / "model.pt") and summary["num_images"] == 8
-    rows = {(r["attack"], r["epsilon"]): r for r in summary["results"]}
-    epsilons = [0.0, 0.0012, 0.0118, 0.1176, 0.2]
-    assert set(rows) == {(a, e) for a in ("fgsm", "invfgsm", "pgd") for e in epsilons}
-    assert rows["pgd", 0.2]["num_steps"] == 10 and rows["fgsm", 0.2]["num_steps"] == 1
+    rows = {(r["attack"], r["loss"], r["epsilon"]): r for r in summary["results"]}
+    attacks = {"fgsm", "invfgsm", "pgd", "segpgd", "cospgd", "apgd", "noise", "ensemble"}
+    assert {r["attack"] for r in summary["results"]} == attacks
+    assert {(a, e) for a, _, e in rows} == {(a, e) for a in attacks for e in BUDGET["epsilons"]}
+    assert {loss for a, loss, e in rows if a == "apgd" and e > 0} == {"js", "masked_ce", "balanced_ce"}
+    assert rows["pgd", "DiceCELoss", 0.1176]["num_steps"] == 3 and rows["fgsm", "DiceCELoss", 0.1176]["num_steps"] == 1
     # epsilon 0 is exactly what `run evaluating` measures on the same checkpoint and images
-    for attack in ("fgsm", "invfgsm", "pgd"):
-        assert rows[attack, 0.0]["mean_iou"] == pytest.approx(evaluated["val_mean_iou"], abs=1e-6)
-        assert rows[attack, 0.0]["mean_dice"] == pytest.approx(evaluated["val_mean_dice"], abs=1e-6)
-    assert rows["fgsm", 0.2]["mean_iou"] < rows["fgsm", 0.0]["mean_iou"]
-    # the iterative attack is at least as strong as the single step, on average over the epsilons
-    positive = epsilons[1:]
-    pgd = sum(rows["pgd", e]["mean_iou"] for e in positive) / len(positive)
-    fgsm = sum(rows["fgsm", e]["mean_iou"] for e in positive) / len(positive)
-    assert pgd <= fgsm + 1e-6
+    for (attack, _, eps), row in rows.items():
+        if eps == 0:
+            assert row["mean_iou"] == pytest.approx(evaluated["val_mean_iou"], abs=1e-6), attack
+            assert row["mean_dice"] == pytest.approx(evaluated["val_mean_dice"], abs=1e-6), attack
+    for eps in BUDGET["epsilons"][1:]:
+        worst = min(r["mean_iou"] for (a, _, e), r in rows.items() if e == eps and a not in ("invfgsm", "noise"))
+        ensemble = next(r for (a, _, e), r in rows.items() if a == "ensemble" and e == eps)
+        assert ensemble["mean_iou"] <= worst + 1e-7
+    assert set(summary["checks"]) >= {"monotone_in_epsilon", "large_radius", "noise_weaker", "fgsm_not_stronger"}
+    assert isinstance(summary["suspect_gradient_masking"], bool)
     with open(out / "robustness.csv") as f:
         assert [(r["attack"], float(r["epsilon"])) for r in csv.DictReader(f)] == [
             (r["attack"], r["epsilon"]) for r in summary["results"]
         ]
     assert (out / "robustness.png").stat().st_size > 0 and (out / "robustness_examples.png").stat().st_size > 0
-    assert "invfgsm" in run.output and "mean_iou" in run.output  # the table is printed
+    assert "ensemble" in run.output and "mean_iou" in run.output  # the table is logged
 
     from monai.utils import path_to_sqlite_uri
 
     client, mlflow_run = bundle.single_mlflow_run(path_to_sqlite_uri(str(out / "mlruns.db")))
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
     assert {"robustness.json", "robustness.csv", "robustness.png", "robustness_examples.png"} <= artifacts
-    logged = mlflow_run.data.metrics["robust_iou/fgsm/eps_0.2"]
-    assert logged == pytest.approx(rows["fgsm", 0.2]["mean_iou"])
+    logged = mlflow_run.data.metrics["robust_iou/ensemble/eps_0.1176"]
+    assert logged == pytest.approx(next(r for (a, _, e), r in rows.items() if a == "ensemble" and e == 0.1176)[
+        "mean_iou"])  # fmt: skip
+
+
+def test_transfer_check_from_a_surrogate_checkpoint(bundle, trained_bundle, tmp_path):
+    root = bundle.copy_outputs(trained_bundle.root, tmp_path / "bundle")
+    surrogate = max((root / "models").glob("checkpoint_epoch=*.pt"))
+    bundle.run(
+        "run", "robustness", "--config_file", robustness_configs(bundle), "--bundle_root", root,
+        "--output_dir", root / "robust", "--surrogate_ckpt", surrogate, "--attacks", '["fgsm","pgd","ensemble"]',
+        "--num_examples", "0", *bundle.overrides({**eval_settings(bundle), **BUDGET}),
+    )  # fmt: skip
+    summary = json.loads((root / "robust" / "robustness.json").read_text())
+    assert "transfer_not_stronger" in summary["checks"]
 
 
 @pytest.mark.parametrize(
     "override, message",
     [({"attacks": ["fgsm", "cw"]}, "unknown attack"), ({"epsilons": [0.1, -0.01]}, "non-negative"),
-     ({"pgd_steps": 0}, "pgd_steps")],
+     ({"num_steps": 0}, "num_steps"), ({"apgd_losses": ["hinge"]}, "loss")],
 )  # fmt: skip
 def test_bad_options_fail_before_any_batch(
     bundle, trained_bundle, tmp_path, override, message, one_torch_thread, restore_determinism

@@ -69,6 +69,7 @@ def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) > 3 and cells[1] in ("FGSM", "InvFGSM", "PGD"):
             robust_rows[cells[0], cells[1]] = cells[2:]
+    ensemble_rows = table_rows(page, "## Robust IoU you can quote")
     for arm, label in labels.items():
         root = output / "work" / "runs" / "seed0" / arm
         # the test score is the clean row of this arm's robustness.json on the test split
@@ -77,7 +78,14 @@ def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
         rows = {(r["attack"], r["epsilon"]): r for r in measured["results"]}
         assert test_rows[label][0] == f"{rows['fgsm', 0.0]['mean_iou']:.4f}"
         assert test_rows[label][1] == f"{rows['fgsm', 0.0]['mean_dice']:.4f}"
-        assert robust_rows[label, "PGD"][-1] == f"{rows['pgd', 0.2]['mean_iou']:.4f}"
+        assert robust_rows[label, "PGD"][-1] == f"{rows['pgd', 0.1176]['mean_iou']:.4f}"
+        # the quoted robust IoU: PGD and the per-image worst case at 2/255 and 4/255, from the same file
+        quoted = ensemble_rows[label]
+        for column, (attack, eps) in enumerate([("pgd", 2 / 255), ("ensemble", 2 / 255), ("pgd", 4 / 255),
+                                                 ("ensemble", 4 / 255)], start=1):  # fmt: skip
+            assert quoted[column] == f"{rows[attack, eps]['mean_iou']:.4f}"
+        assert rows["ensemble", 4 / 255]["mean_iou"] <= rows["pgd", 4 / 255]["mean_iou"] + 1e-7
+        assert set(measured["checks"]) >= {"large_radius", "noise_weaker", "fgsm_not_stronger"}
         # the validation IoU at the last epoch is what training logged to its MLflow store
         client = MlflowClient(path_to_sqlite_uri(str(root / "eval" / "mlruns.db")))
         history = {

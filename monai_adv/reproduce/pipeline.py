@@ -216,7 +216,8 @@ class Reproduction:
                 elapsed = self._step(root / "training_done.json", "training", [], root, True, train_settings)
                 self.timings[f"train {arm}"] = self.timings.get(f"train {arm}", 0) + elapsed
                 robust_settings = {"seed": seed, "datalist_file": str(datalists["test"]),
-                                   "output_dir": str(root / "robustness_test"), "pgd_steps": self.profile.pgd_steps,
+                                   "output_dir": str(root / "robustness_test"), "num_steps": self.profile.attack_steps,
+                                   "epsilons": list(self.profile.robust_epsilons),
                                    "num_examples": 4, "example_epsilon": self.profile.adv_epsilon}  # fmt: skip
                 elapsed = self._step(
                     root / "robustness_test" / "done.json", "robustness", ["robustness.json"], root, False,
@@ -270,6 +271,8 @@ class Reproduction:
             "val_iou": {str(k): v for k, v in sorted(history["val_mean_iou"].items())},
             "val_dice": {str(k): v for k, v in sorted(history["val_mean_dice"].items())},
             "robustness": robustness["results"],
+            "checks": robustness.get("checks", {}),
+            "suspect_reasons": robustness.get("suspect_reasons", []),
             "num_test_images": robustness["num_images"],
             "root": str(root),
         }

@@ -19,7 +19,9 @@ class Profile:
         max_epochs: training length; the paper's epochs 0/10/20/30 are scaled to it.
         extra_configs: overlays added after ``train.json`` (e.g. ``paper.json``).
         adv_epsilon: epsilon of the augmentation (online and offline), the paper's 0.1.
-        pgd_steps: PGD steps of the robustness evaluation.
+        attack_steps: steps of every iterative attack of the robustness evaluation (PGD, SegPGD, CosPGD, APGD).
+        robust_epsilons: the epsilons of the robustness evaluation: the paper's, and 2/255 and 4/255 for the
+            ensemble.
         limits: at most this many items of ``train``/``validation``/``test`` (None: all).
     """
 
@@ -29,7 +31,8 @@ class Profile:
     max_epochs: int
     extra_configs: tuple[str, ...] = ()
     adv_epsilon: float = 0.1
-    pgd_steps: int = 10
+    attack_steps: int = 10
+    robust_epsilons: tuple[float, ...] = (0.0, 0.0012, 2 / 255, 4 / 255, 0.0118, 0.1176)
     limits: dict[str, int | None] = field(default_factory=lambda: {"train": None, "validation": None, "test": None})
 
 
@@ -40,13 +43,14 @@ PROFILES: dict[str, Profile] = {
         "16/8/8 images); its numbers mean nothing",
         overrides={"image_size": 32, "features": [8, 8, 16, 16, 32, 8], "batch_size": 8, "learning_rate": 1e-3},
         max_epochs=3,
-        pgd_steps=3,
+        attack_steps=3,
         limits={"train": 16, "validation": 8, "test": 8},
     ),
     "cpu": Profile(
         name="cpu",
         description="sized for a 2-core CPU (about 45 minutes for 3 seeds): 64x64 images, BasicUNet 16-128 features, "
-        "Dice+CE loss, Adam 1e-3, batch 16, 12 epochs, PGD with 5 steps (smaller and shorter than the paper's setup)",
+        "Dice+CE loss, Adam 1e-3, batch 16, 12 epochs, iterative attacks with 5 steps (smaller and shorter than the "
+        "paper's setup)",
         # adv#track_loss off: the handler's extra forward pass only logs the loss on the copies (saves ~10%)
         overrides={
             "image_size": 64,
@@ -56,7 +60,7 @@ PROFILES: dict[str, Profile] = {
             "adv#track_loss": False,
         },
         max_epochs=12,
-        pgd_steps=5,
+        attack_steps=5,
     ),
     "paper": Profile(
         name="paper",
@@ -65,6 +69,6 @@ PROFILES: dict[str, Profile] = {
         overrides={},
         max_epochs=30,
         extra_configs=("paper.json",),
-        pgd_steps=10,
+        attack_steps=10,
     ),
 }

@@ -32,7 +32,7 @@ class Profile:
     extra_configs: tuple[str, ...] = ()
     adv_epsilon: float = 0.1
     attack_steps: int = 10
-    robust_epsilons: tuple[float, ...] = (0.0, 0.0012, 2 / 255, 4 / 255, 0.0118, 0.1176)
+    robust_epsilons: tuple[float, ...] = (0.0, 2 / 255, 4 / 255, 0.0118, 0.1176)
     limits: dict[str, int | None] = field(default_factory=lambda: {"train": None, "validation": None, "test": None})
 
 

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> Path:
         "dataset_dir": args.dataset_dir,
         "source": dataset_citation(Path(args.dataset_dir)),
         "commands": reproduction.commands,
+        "resumed": reproduction.resumed,
     }
     path = write_report(results, output, context)
     print(f"wrote {path}")

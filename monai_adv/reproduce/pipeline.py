@@ -85,6 +85,8 @@ class Reproduction:
         self.configs = Path(bundle_dir) / "configs"
         self.timings: dict[str, float] = {}
         self.commands: list[str] = []
+        #: bundle roots of the steps skipped because they had already run (resume)
+        self.resumed: list[str] = []
 
     # -- bundle calls -------------------------------------------------------------------------------------------
     def _config_files(self, *overlays: str) -> list[str]:
@@ -96,13 +98,7 @@ class Reproduction:
 
         settings = {**self.profile.overrides, **overrides}
         files = self._config_files(*overlays)
-        # the same step as a shell command, for the log and the results page
-        listed = "[" + ",".join(f"'{f}'" for f in files) + "]"
-        cli = f'python -m monai.bundle run {run_id} --config_file "{listed}" --bundle_root {shlex.quote(str(root))}'
-        cli += " --tracking mlflow" if tracking else ""
-        for key, value in settings.items():
-            text = json.dumps(value, separators=(",", ":")) if isinstance(value, (list, tuple)) else str(value)
-            cli += f" --{key} {shlex.quote(text)}"
+        cli = self._command(run_id, overlays, root, tracking, overrides)
         self.commands.append(cli)
         logger.info("running: %s", cli)
         start = time.perf_counter()
@@ -110,6 +106,19 @@ class Reproduction:
             run_id=run_id, config_file=files, bundle_root=str(root), tracking="mlflow" if tracking else None, **settings
         )
         return time.perf_counter() - start
+
+    def _command(
+        self, run_id: str, overlays: Sequence[str], root: Path, tracking: bool, overrides: dict[str, Any]
+    ) -> str:
+        """The step as a shell command, for the log and the results page."""
+        settings = {**self.profile.overrides, **overrides}
+        listed = "[" + ",".join(f"'{f}'" for f in self._config_files(*overlays)) + "]"
+        cli = f'python -m monai.bundle run {run_id} --config_file "{listed}" --bundle_root {shlex.quote(str(root))}'
+        cli += " --tracking mlflow" if tracking else ""
+        for key, value in settings.items():
+            text = json.dumps(value, separators=(",", ":")) if isinstance(value, (list, tuple)) else str(value)
+            cli += f" --{key} {shlex.quote(text)}"
+        return cli
 
     # -- data -----------------------------------------------------------------------------------------------------
     def split(self) -> dict[str, list[dict]]:
@@ -243,6 +252,8 @@ class Reproduction:
         if marker.is_file():
             done = json.loads(marker.read_text())
             if done.get("settings") == recorded:
+                self.commands.append(self._command(run_id, overlays, root, tracking, settings))
+                self.resumed.append(str(marker.parent))
                 logger.info("skipping a step that already ran (%s)", marker)
                 return float(done["seconds"])
         elapsed = self._bundle(run_id, overlays, root, tracking, **settings)

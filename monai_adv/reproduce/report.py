@@ -261,12 +261,12 @@ def write_report(results: dict, output: Path, context: dict[str, Any]) -> Path:
 
     lines += ["## How this page was made", "", "```", context["command"], "```", "",
               f"- Code version: `{context['version']}`", f"- Machine: {context['machine']}",
-              f"- Wall time: {context['wall_time_s'] / 60:.1f} min in total for this command; by step (a step "
-              "that had already run, and was resumed, counts the time it took then):"]  # fmt: skip
+              (f"- Wall time: {context['wall_time_s'] / 60:.1f} min in total for this command; by step (a step "
+              "that had already run, and was resumed, counts the time it took then):")]  # fmt: skip
     lines += [f"  - {name}: {seconds / 60:.1f} min" for name, seconds in context["timings"].items()]
     if context.get("resumed"):
-        lines += [f"- Resumed: {len(context['resumed'])} step(s) had completed with the same settings in an earlier "
-                  "run of this command on the same `--work_dir` and were not run again."]  # fmt: skip
+        lines += [(f"- Resumed: {len(context['resumed'])} step(s) had completed with the same settings in an earlier "
+                  "run of this command on the same `--work_dir` and were not run again.")]  # fmt: skip
     lines += ["", "Bundle commands run (one per step; the first seed's shown):", "", "```"]
     lines += [c for c in context.get("commands", []) if "seed" not in c or " --seed " + str(seeds[0]) + " " in c + " "]
     lines += ["```", ""]

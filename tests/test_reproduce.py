@@ -104,3 +104,14 @@ def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
     assert re.search(r"\*\*(held|did not hold|unclear)", page)
     summary = json.loads((output / "results" / "summary.json").read_text())
     assert f"{summary['arms']['unet']['test_mean_iou']['mean']:.4f}" == test_rows["UNet"][0]
+
+    # run again on the same work_dir: every step had completed with the same settings, so none runs again and
+    # the page reports the same numbers
+    trained = {p: p.stat().st_mtime_ns for p in (output / "work" / "runs").rglob("model.pt")}
+    again = subprocess.run(command, check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-6000:]
+    assert "skipping a step that already ran" in again.stderr + again.stdout
+    assert {p: p.stat().st_mtime_ns for p in (output / "work" / "runs").rglob("model.pt")} == trained
+    second = (output / "results.md").read_text()
+    assert "- Resumed: " in second
+    assert table_rows(second, "## Test split, best checkpoint") == test_rows

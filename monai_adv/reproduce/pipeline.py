@@ -234,9 +234,36 @@ class Reproduction:
                 )  # fmt: skip
                 self.timings["robustness (test split)"] = self.timings.get("robustness (test split)", 0) + elapsed
                 results["arms"].setdefault(arm, {})[str(seed)] = self.collect(root)
+        results["default_budget"] = self.default_budget(datalists["test"])
         results["counts"] = self.counts
         (self.work_dir / "raw_results.json").write_text(json.dumps(results, indent=1))
         return results
+
+    def default_budget(self, test_datalist: Path) -> dict[str, Any]:
+        """``run robustness`` with the bundle's default attacks, epsilons, steps and restarts on the test split, for
+        the first seed's UNet arm: how long the default evaluation takes on this machine, and what it measures.
+
+        Returns:
+            ``{"seconds", "num_images", "num_steps", "restarts", "ensemble": {epsilon: IoU}, "checks", "suspect"}``.
+        """
+        seed = self.seeds[0]
+        root = self.work_dir / "runs" / f"seed{seed}" / "unet"
+        out = root / "robustness_default"
+        settings = {"seed": seed, "datalist_file": str(test_datalist), "output_dir": str(out), "num_examples": 0}
+        elapsed = self._step(out / "done.json", "robustness", ["robustness.json"], root, False, settings)
+        self.timings["robustness with the default budget (UNet, first seed)"] = elapsed
+        measured = json.loads((out / "robustness.json").read_text())
+        rows = measured["results"]
+        return {
+            "seconds": elapsed,
+            "num_images": measured["num_images"],
+            "num_steps": max(r["num_steps"] for r in rows if r["attack"] == "pgd"),
+            "restarts": max(r["restarts"] for r in rows if r["attack"] == "pgd"),
+            "ensemble": {f"{r['epsilon']:g}": r["mean_iou"] for r in rows if r["attack"] == "ensemble"},
+            "pgd": {f"{r['epsilon']:g}": r["mean_iou"] for r in rows if r["attack"] == "pgd"},
+            "checks_failed": sorted(k for k, c in measured["checks"].items() if c.get("passed") is False),
+            "suspect_gradient_masking": measured["suspect_gradient_masking"],
+        }
 
     def _step(
         self, marker: Path, run_id: str, overlays: Sequence[str], root: Path, tracking: bool, settings: dict[str, Any]

@@ -210,6 +210,20 @@ def write_report(results: dict, output: Path, context: dict[str, Any]) -> Path:
                        + " / ".join(f"{e * 255:g}/255" for e in quoted) + ". A failed check means the robust IoU of "
                        "that arm may be overstated (see the checks in docs/robustness.md)."), ""]  # fmt: skip
 
+    budget = results.get("default_budget")
+    if budget:
+        eps_cells = sorted(budget["ensemble"], key=float)
+        lines += ["", "## The default robustness budget", "",
+                  (f"`run robustness` with the bundle's defaults (every attack at {len(eps_cells)} epsilons, "
+                   f"{budget['num_steps']} steps, {budget['restarts']} restart(s), the checks) on the "
+                   f"{budget['num_images']} test images, UNet arm, seed {seeds[0]}: "
+                   f"**{budget['seconds'] / 60:.1f} min** on this machine. Checks failed: "
+                   f"{', '.join(budget['checks_failed']) or 'none'}."), "",
+                  "| | " + " | ".join(f"ε={float(e):.4g}" for e in eps_cells) + " |",
+                  "|---" * (len(eps_cells) + 1) + "|",
+                  "| PGD | " + " | ".join(f"{budget['pgd'][e]:.4f}" for e in eps_cells) + " |",
+                  "| ensemble | " + " | ".join(f"{budget['ensemble'][e]:.4f}" for e in eps_cells) + " |", ""]  # fmt: skip
+
     # claims: paired differences against the UNet arm of the same seed
     def diffs(arm: str, value) -> list[float]:
         return [value(arms[arm][str(s)]) - value(arms["unet"][str(s)]) for s in seeds]

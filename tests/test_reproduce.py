@@ -53,6 +53,8 @@ def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
         assert (output / "results" / figure).stat().st_size > 0
         assert f"results/{figure}" in page
     assert "--profile smoke" in page and "Code version: `" in page and "Wall time:" in page
+    budget = json.loads((output / "work" / "runs" / "seed0" / "unet" / "robustness_default" / "done.json").read_text())
+    assert f"**{budget['seconds'] / 60:.1f} min** on this machine" in page  # the default budget, as measured
 
     from mlflow.tracking import MlflowClient
     from monai.utils import path_to_sqlite_uri

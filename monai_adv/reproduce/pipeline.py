@@ -249,7 +249,11 @@ class Reproduction:
         seed = self.seeds[0]
         root = self.work_dir / "runs" / f"seed{seed}" / "unet"
         out = root / "robustness_default"
-        settings = {"seed": seed, "datalist_file": str(test_datalist), "output_dir": str(out), "num_examples": 0}
+        defaults = json.loads((self.configs / "robustness.json").read_text())
+        # the defaults written out, so that the command on the page says what ran and a changed default runs again
+        budget = {key: defaults[key] for key in ("attacks", "epsilons", "num_steps", "restarts")}
+        settings = {"seed": seed, "datalist_file": str(test_datalist), "output_dir": str(out), "num_examples": 0,
+                    **budget}  # fmt: skip
         elapsed = self._step(out / "done.json", "robustness", ["robustness.json"], root, False, settings)
         self.timings["robustness with the default budget (UNet, first seed)"] = elapsed
         measured = json.loads((out / "robustness.json").read_text())

@@ -80,7 +80,9 @@ def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
         rows = {(r["attack"], r["epsilon"]): r for r in measured["results"]}
         assert test_rows[label][0] == f"{rows['fgsm', 0.0]['mean_iou']:.4f}"
         assert test_rows[label][1] == f"{rows['fgsm', 0.0]['mean_dice']:.4f}"
-        assert robust_rows[label, "PGD"][-1] == f"{rows['pgd', 0.1176]['mean_iou']:.4f}"
+        assert robust_rows[label, "FGSM"][-1] == f"{rows['fgsm', 0.1176]['mean_iou']:.4f}"
+        # the iterative attacks ran at 2/255 and 4/255 only (iterative_epsilons): no PGD cell at 0.1176
+        assert robust_rows[label, "PGD"][-1] == "–" and ("pgd", 0.1176) not in rows
         # the quoted robust IoU: PGD and the per-image worst case at 2/255 and 4/255, from the same file
         quoted = ensemble_rows[label]
         for column, (attack, eps) in enumerate([("pgd", 2 / 255), ("ensemble", 2 / 255), ("pgd", 4 / 255),

@@ -203,6 +203,9 @@ class RobustnessEvaluator(Engine):
         restarts: runs of every iterative attack (random starts after the first); the worst per image is kept.
         random_start: start PGD, SegPGD and CosPGD at a random point of the ball.
         apgd_losses: the losses of the ``apgd`` rows.
+        iterative_epsilons: the epsilons at which the iterative attacks, the noise and the ensemble run (a subset
+            of ``epsilons``; default all): FGSM and Inverse FGSM, which cost one gradient for every epsilon, still
+            run at all of them.
         num_classes: output channels of the network.
         class_names: names of the classes after the background, for the per-class keys (default ``class_1``, ...).
         clamp: value bounds of the attacked images (``"range"``, ``"image"`` or ``"none"``).
@@ -239,6 +242,7 @@ class RobustnessEvaluator(Engine):
         restarts: int = 1,
         random_start: bool = True,
         apgd_losses: Sequence[str] = APGD_LOSSES,
+        iterative_epsilons: Sequence[float] | None = None,
         num_classes: int = 2,
         class_names: Sequence[str] | None = None,
         clamp: str = "range",
@@ -264,6 +268,13 @@ class RobustnessEvaluator(Engine):
         self.epsilons = check_epsilons(epsilons)
         self.checks_enabled = bool(checks)
         positive = sorted(e for e in self.epsilons if e > 0)
+        if iterative_epsilons is not None:
+            chosen = check_epsilons(iterative_epsilons)
+            outside = [e for e in chosen if e not in self.epsilons]
+            if outside:
+                raise ValueError(f"iterative_epsilons {outside} are not among the epsilons {self.epsilons}.")
+            positive = sorted(e for e in chosen if e > 0)
+        self.iterative_epsilons = positive
         self.check_epsilon = (
             float(check_epsilon) if check_epsilon is not None else (positive[len(positive) // 2] if positive else 0.0)
         )
@@ -383,11 +394,11 @@ class RobustnessEvaluator(Engine):
                         if eps in positive:
                             self._score(_Row(attack, self._loss_name("training"), eps, 1, 1), x, labels)
         for (attack, loss), spec in self.specs.items():
-            for eps in positive:
+            for eps in self.iterative_epsilons:
                 x = run_attack(self.network, images, labels, spec, self.loss_function, eps, self._generator).images
                 self._score(_Row(attack, self._loss_name(loss), eps, spec.num_steps, spec.restarts), x, labels)
         if "noise" in self.attacks or self.checks_enabled:
-            for eps in positive:
+            for eps in self.iterative_epsilons:
                 self._score(_Row("noise", "none", eps, 0, 1), self._noise(images, eps), labels)
         if self.checks_enabled:
             self._check_runs(images, labels)
@@ -427,7 +438,7 @@ class RobustnessEvaluator(Engine):
         if self.surrogate is not None:
             self.surrogate.eval()
             plain = pgd.replace(keep_best=False)  # the surrogate's own best iterate says nothing about the target
-            for eps in [e for e in self.epsilons if e > 0]:
+            for eps in self.iterative_epsilons:
                 x = run_attack(self.surrogate, images, labels, plain, self.loss_function, eps, self._generator).images
                 self._score(_Row("transfer", loss, eps, plain.num_steps, plain.restarts), x, labels)
 
@@ -572,8 +583,7 @@ class RobustnessEvaluator(Engine):
         return (
             row.attack in self.attacks
             and row.attack not in _NOT_IN_ENSEMBLE
-            and row.epsilon in self.epsilons
-            and row.epsilon > 0
+            and row.epsilon in self.iterative_epsilons
             and not self._check_only(row)
         )
 

@@ -227,6 +227,7 @@ class Reproduction:
                 robust_settings = {"seed": seed, "datalist_file": str(datalists["test"]),
                                    "output_dir": str(root / "robustness_test"), "num_steps": self.profile.attack_steps,
                                    "epsilons": list(self.profile.robust_epsilons),
+                                   "iterative_epsilons": list(self.profile.iterative_epsilons),
                                    "num_examples": 4, "example_epsilon": self.profile.adv_epsilon}  # fmt: skip
                 elapsed = self._step(
                     root / "robustness_test" / "done.json", "robustness", ["robustness.json"], root, False,

@@ -22,6 +22,7 @@ class Profile:
         attack_steps: steps of every iterative attack of the robustness evaluation (PGD, SegPGD, CosPGD, APGD).
         robust_epsilons: the epsilons of the robustness evaluation: the paper's, and 2/255 and 4/255 for the
             ensemble.
+        iterative_epsilons: where the iterative attacks and the ensemble run (FGSM and InvFGSM run at all).
         limits: at most this many items of ``train``/``validation``/``test`` (None: all).
     """
 
@@ -33,6 +34,7 @@ class Profile:
     adv_epsilon: float = 0.1
     attack_steps: int = 10
     robust_epsilons: tuple[float, ...] = (0.0, 2 / 255, 4 / 255, 0.0118, 0.1176)
+    iterative_epsilons: tuple[float, ...] = (2 / 255, 4 / 255)
     limits: dict[str, int | None] = field(default_factory=lambda: {"train": None, "validation": None, "test": None})
 
 

@@ -59,7 +59,8 @@ def performance_section(summary: dict[str, Any], results_page: str = "docs/resul
     ]
     for arm, numbers in summary["arms"].items():
         row = [ARM_LABELS.get(arm, arm), _cell(numbers["test_mean_iou"]), _cell(numbers["test_mean_dice"])]
-        row += [_cell(numbers["robustness_mean_iou"][a][e]) for a in attacks for e in TABLE_EPSILONS]
+        robust = numbers["robustness_mean_iou"]
+        row += [_cell(robust[a][e]) if e in robust.get(a, {}) else "–" for a in attacks for e in TABLE_EPSILONS]
         row += [_cell(numbers["robustness_mean_iou"]["ensemble"][e]) for e in quoted]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", END]

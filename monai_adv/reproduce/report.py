@@ -42,6 +42,19 @@ def test_score(result: dict, key: str = "mean_iou") -> float:
     return robustness_value(result, "fgsm", 0.0, key)
 
 
+def _has(result: dict, attack: str, epsilon: float) -> bool:
+    """Whether the attack ran at that epsilon (iterative attacks may run at fewer epsilons than FGSM)."""
+    return any(r["attack"] == attack and abs(r["epsilon"] - epsilon) < 1e-12 for r in result["robustness"])
+
+
+def _cell(results: Sequence[dict] | Any, attack: str, epsilon: float) -> str:
+    """``fmt`` of one robustness number over seeds, or "–" where the attack did not run at that epsilon."""
+    try:
+        return fmt([robustness_value(r, attack, epsilon) for r in results])
+    except KeyError:
+        return "–"
+
+
 def judge(differences: Sequence[float], claimed: str) -> str:
     """A plain verdict on a paired difference (arm minus baseline, one per seed)."""
     mean, std = mean_std(differences)
@@ -82,8 +95,9 @@ def _plot_robustness(results: dict, epsilons: list[float], path: Path) -> None:
     fig, axes = plt.subplots(1, len(attacks), figsize=(4 * len(attacks), 3.4), sharey=True)
     for ax, attack in zip(axes, attacks):
         for arm in ARMS:
-            seeds = results["arms"][arm].values()
-            ax.plot(epsilons, [np.mean([robustness_value(s, attack, e) for s in seeds]) for e in epsilons],
+            seeds = list(results["arms"][arm].values())
+            measured = [e for e in epsilons if _has(seeds[0], attack, e)]
+            ax.plot(measured, [np.mean([robustness_value(s, attack, e) for s in seeds]) for e in measured],
                     marker="o", label=ARM_LABELS[arm])  # fmt: skip
         ax.set_xscale("symlog", linthresh=1e-3)
         ax.set_title(f"test IoU under {ATTACK_LABELS[attack]}")
@@ -173,7 +187,7 @@ def write_report(results: dict, output: Path, context: dict[str, Any]) -> Path:
     lines += ["| arm | attack | " + " | ".join(f"ε={e:g}" for e in epsilons) + " |", "|---" * (len(epsilons) + 2) + "|"]
     for arm in ARMS:
         for attack, attack_label in ATTACK_LABELS.items():
-            cells = [fmt([robustness_value(s, attack, e) for s in arms[arm].values()]) for e in epsilons]
+            cells = [_cell(arms[arm].values(), attack, e) for e in epsilons]
             lines.append(f"| {ARM_LABELS[arm]} | {attack_label} | " + " | ".join(cells) + " |")
 
     quoted = [e for e in ENSEMBLE_EPSILONS if any(abs(e - x) < 1e-12 for x in epsilons)]
@@ -313,7 +327,11 @@ def _write_summary(results: dict, epsilons: list[float], context: dict[str, Any]
             "test_mean_dice": stats([test_score(s, "mean_dice") for s in values]),
             "best_val_mean_iou": stats([max(s["val_iou"].values()) for s in values]),
             "robustness_mean_iou": {
-                attack: {f"{e:g}": stats([robustness_value(s, attack, e) for s in values]) for e in epsilons}
+                attack: {
+                    f"{e:g}": stats([robustness_value(s, attack, e) for s in values])
+                    for e in epsilons
+                    if _has(values[0], attack, e)
+                }
                 for attack in ATTACK_LABELS
             },
             "checks_failed": sorted(

@@ -228,3 +228,15 @@ def test_nifti_copies_keep_original_units(tmp_path):
     loaded = LoadImage(image_only=True, ensure_channel_first=True)(path)
     assert path.endswith(".nii.gz") and loaded.shape == image.shape
     assert torch.allclose(torch.as_tensor(loaded), -1000 + 2000 * image, atol=1e-3)
+
+
+def test_iterative_epsilons_limit_the_costly_attacks(tmp_path, make_tiny_net, make_square_data):
+    net, loss, data = make_tiny_net(seed=1), DiceCELoss(to_onehot_y=True, softmax=True), batches(make_square_data)
+    evaluator = RobustnessEvaluator(net, loss, data, tmp_path, epsilons=[0, 0.02, 0.1], iterative_epsilons=[0.02],
+                                    num_steps=3, num_examples=0)  # fmt: skip
+    evaluator.run()
+    measured = {(r["attack"], r["epsilon"]) for r in evaluator.rows if r["epsilon"] > 0}
+    assert ("fgsm", 0.1) in measured and ("invfgsm", 0.1) in measured
+    assert ("pgd", 0.1) not in measured and ("ensemble", 0.1) not in measured and ("ensemble", 0.02) in measured
+    with pytest.raises(ValueError, match="not among the epsilons"):
+        RobustnessEvaluator(net, loss, data, tmp_path, epsilons=[0, 0.02], iterative_epsilons=[0.05])

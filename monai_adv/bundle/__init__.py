@@ -10,13 +10,17 @@ Not part of the augmentation library: they keep one bundle root's training state
 """
 
 from monai_adv.bundle.checkpoints import AtomicCheckpointSaver, KeepPreviousDiskSaver, latest_checkpoint, require_file
-from monai_adv.bundle.settings import spatial_size
+from monai_adv.bundle.settings import ADV_METHODS, check_settings, intensity_range, intensity_scaling, spatial_size
 from monai_adv.bundle.training_run import TrainingRun, prepare_mlflow_handlers
 
 __all__ = [
+    "ADV_METHODS",
     "AtomicCheckpointSaver",
     "KeepPreviousDiskSaver",
     "TrainingRun",
+    "check_settings",
+    "intensity_range",
+    "intensity_scaling",
     "latest_checkpoint",
     "prepare_mlflow_handlers",
     "require_file",

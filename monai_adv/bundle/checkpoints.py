@@ -19,6 +19,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
+from monai_adv.errors import MissingFileError
+
 __all__ = ["AtomicCheckpointSaver", "KeepPreviousDiskSaver", "latest_checkpoint", "require_file"]
 
 
@@ -188,7 +190,7 @@ def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint_epoc
     """
     found = sorted(Path(folder).glob(pattern), key=lambda p: (_epoch_of(p), p.stat().st_mtime), reverse=True)
     if not found:
-        raise FileNotFoundError(f"no checkpoint matching {pattern!r} in {folder}: nothing to resume from.")
+        raise MissingFileError(f"no checkpoint matching {pattern!r} in {folder}: nothing to resume from.")
     for path in found:
         try:
             torch.load(path, map_location="cpu", weights_only=True)
@@ -198,7 +200,7 @@ def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint_epoc
             )
             continue
         return str(path)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"none of the checkpoints in {folder} can be read ({[p.name for p in found]}): nothing to resume from."
     )
 
@@ -210,5 +212,5 @@ def require_file(path: str | os.PathLike, what: str = "file") -> str:
         FileNotFoundError: when ``path`` is not a file.
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist.")
+        raise MissingFileError(f"{what} {path} does not exist.")
     return str(path)

@@ -26,6 +26,7 @@ from typing import Any
 from monai.utils import str2bool
 
 from monai_adv.bundle.checkpoints import latest_checkpoint
+from monai_adv.errors import LockError, SettingsError
 
 __all__ = ["TrainingRun", "prepare_mlflow_handlers"]
 
@@ -74,7 +75,7 @@ class TrainingRun:
         try:
             self.resume = str2bool(str(resume).strip() if not isinstance(resume, bool) else resume)
         except ValueError as err:  # MONAI's message does not name the setting
-            raise ValueError(f"resume must be true or false, got {resume!r}.") from err
+            raise SettingsError(f"resume must be true or false, got {resume!r}.") from err
         record = _read_json(self.ckpt_dir / RECORD_NAME) if self.resume else None
         if record and record.get("run_id"):
             self.run_id = str(record["run_id"])
@@ -136,7 +137,7 @@ class TrainingRun:
             except FileExistsError:
                 holder = _read_json(self.lock_path)
                 if self._lock_is_held(holder):
-                    raise RuntimeError(
+                    raise LockError(
                         f"another training is running in {self.ckpt_dir} (pid {holder.get('pid') if holder else '?'} "
                         f"on {holder.get('host') if holder else '?'}, run {holder.get('run_id') if holder else '?'}): "
                         "wait for it to end or train in another --bundle_root. If no training runs there, delete "
@@ -152,7 +153,7 @@ class TrainingRun:
             self._holds_lock = True
             atexit.register(self.finish)
             return
-        raise RuntimeError(f"could not take the lock {self.lock_path}: other processes keep creating it.")
+        raise LockError(f"could not take the lock {self.lock_path}: other processes keep creating it.")
 
     def _lock_is_held(self, holder: dict[str, Any] | None) -> bool:
         if holder is None:  # being written right now, or left empty by a kill

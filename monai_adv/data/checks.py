@@ -18,6 +18,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from monai_adv.errors import DataError, MissingFileError
+
 __all__ = ["ImageHeader", "check_datalist", "has_foreground", "read_fully", "read_header"]
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -51,7 +53,7 @@ def read_header(path: str | os.PathLike) -> ImageHeader:
         ValueError: when the file cannot be opened as an image, naming it.
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist.")
+        raise MissingFileError(f"{path} does not exist.")
     try:
         if _is_nifti(path):
             image = nib.load(path)
@@ -61,7 +63,7 @@ def read_header(path: str | os.PathLike) -> ImageHeader:
         with Image.open(path) as image:
             return ImageHeader(str(path), tuple(image.size), len(image.getbands()), image.mode)
     except Exception as err:
-        raise ValueError(f"{path} cannot be read as an image: {type(err).__name__}: {err}") from err
+        raise DataError(f"{path} cannot be read as an image: {type(err).__name__}: {err}") from err
 
 
 def read_fully(path: str | os.PathLike) -> None:
@@ -77,7 +79,7 @@ def read_fully(path: str | os.PathLike) -> None:
             with Image.open(path) as image:
                 image.load()
     except Exception as err:
-        raise ValueError(f"{path} cannot be decoded: {type(err).__name__}: {err}") from err
+        raise DataError(f"{path} cannot be decoded: {type(err).__name__}: {err}") from err
 
 
 def has_foreground(path: str | os.PathLike) -> bool:
@@ -92,7 +94,7 @@ def has_foreground(path: str | os.PathLike) -> bool:
         with Image.open(path) as image:
             return bool(np.asarray(image).any())
     except Exception as err:
-        raise ValueError(f"{path} cannot be decoded: {type(err).__name__}: {err}") from err
+        raise DataError(f"{path} cannot be decoded: {type(err).__name__}: {err}") from err
 
 
 def _listed(problems: Sequence[str]) -> str:
@@ -192,7 +194,7 @@ def check_datalist(
                 if value(h) != usual
             )
     if problems:
-        raise ValueError(f"{len(problems)} problem(s) in the files of {name}:{_listed(problems)}")
+        raise DataError(f"{len(problems)} problem(s) in the files of {name}:{_listed(problems)}")
     if foreground_items:
         masks = [item[label_key] for item in foreground_items if label_key in item]
         # stop at the first mask with foreground: one decode on ordinary data

@@ -1,0 +1,48 @@
+"""The errors monai-adv raises itself about a user's data, settings, checkpoints, locks and tracking.
+
+Each is a :class:`MonaiAdvError` and also the built-in error a caller would expect (``ValueError``,
+``FileNotFoundError``, ``RuntimeError``), so ``except ValueError`` keeps working. The bundle's command-line error
+report (:mod:`monai_adv.bundle.cli`) recognises them and ends the output with their message in one line.
+
+This module imports nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "LockError",
+    "MissingFileError",
+    "MonaiAdvError",
+    "SettingsError",
+    "TrackingError",
+]
+
+
+class MonaiAdvError(Exception):
+    """Base class of the errors that monai-adv raises about what a user gave it (not about its own bugs)."""
+
+
+class DataError(MonaiAdvError, ValueError):
+    """A data file or datalist cannot be used as it is (names the file)."""
+
+
+class SettingsError(MonaiAdvError, ValueError):
+    """A bundle setting has a value that cannot work (names the key)."""
+
+
+class MissingFileError(MonaiAdvError, FileNotFoundError):
+    """An input file or folder the user named (or the bundle needs) does not exist."""
+
+
+class CheckpointError(MonaiAdvError, ValueError):
+    """A checkpoint does not fit the network it is loaded into (names the file and the settings to repeat)."""
+
+
+class LockError(MonaiAdvError, RuntimeError):
+    """Another process holds the bundle root's training lock."""
+
+
+class TrackingError(MonaiAdvError, RuntimeError):
+    """The MLflow tracking server cannot be used."""

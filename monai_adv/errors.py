@@ -12,11 +12,13 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "DataError",
+    "LoadError",
     "LockError",
     "MissingFileError",
     "MonaiAdvError",
     "SettingsError",
     "TrackingError",
+    "UnreadableFileError",
 ]
 
 
@@ -26,6 +28,14 @@ class MonaiAdvError(Exception):
 
 class DataError(MonaiAdvError, ValueError):
     """A data file or datalist cannot be used as it is (names the file)."""
+
+
+class UnreadableFileError(MonaiAdvError, OSError):
+    """A data file cannot be decoded (truncated, corrupt), naming it."""
+
+
+class LoadError(MonaiAdvError, RuntimeError):
+    """Loading an item's files failed for another reason (e.g. no reader for the format), naming the files."""
 
 
 class SettingsError(MonaiAdvError, ValueError):

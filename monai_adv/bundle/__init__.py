@@ -10,6 +10,7 @@ Not part of the augmentation library: they keep one bundle root's training state
 """
 
 from monai_adv.bundle.checkpoints import AtomicCheckpointSaver, KeepPreviousDiskSaver, latest_checkpoint, require_file
+from monai_adv.bundle.guards import StopOnNonFiniteLoss
 from monai_adv.bundle.settings import ADV_METHODS, check_settings, intensity_range, intensity_scaling, spatial_size
 from monai_adv.bundle.training_run import TrainingRun, prepare_mlflow_handlers
 
@@ -17,6 +18,7 @@ __all__ = [
     "ADV_METHODS",
     "AtomicCheckpointSaver",
     "KeepPreviousDiskSaver",
+    "StopOnNonFiniteLoss",
     "TrainingRun",
     "check_settings",
     "intensity_range",

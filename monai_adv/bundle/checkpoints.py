@@ -9,6 +9,7 @@ temporary file, renames it into place, and only then removes the file it replace
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -58,6 +59,9 @@ class AtomicCheckpointSaver:
     """Save checkpoints atomically: either every ``save_interval`` epochs (or iterations), or the best model by
     the engine's key metric. Arguments as in MONAI's ``CheckpointSaver``, of which this does these two jobs.
 
+    The best model is never saved while its key metric or any of its tensors is NaN or infinite (a warning says
+    so, and the previous best model stays).
+
     File names are MONAI's: ``checkpoint_epoch=N.pt`` (``checkpoint_iteration=N.pt``), or ``key_metric_filename``.
     :meth:`state_dict` / :meth:`load_state_dict` hold the best score so far: save them with the trainer's
     checkpoint so that after a resume a worse model does not replace the best one.
@@ -97,6 +101,7 @@ class AtomicCheckpointSaver:
                 f"(the best model), got save_interval={save_interval!r}, save_key_metric={save_key_metric!r}."
             )
         self.save_dir = str(save_dir)
+        self.save_dict = dict(save_dict)
         self.save_interval = int(save_interval)
         self.epoch_level = epoch_level
         self.save_key_metric = bool(save_key_metric)
@@ -141,7 +146,34 @@ class AtomicCheckpointSaver:
             event = Events.ITERATION_COMPLETED(every=self.save_interval)
         engine.add_event_handler(event, self)
 
+    def _non_finite(self) -> list[str]:
+        """Names of the saved objects' tensors that hold NaN or infinite values."""
+        found = []
+        for name, obj in self.save_dict.items():
+            state = obj.state_dict() if hasattr(obj, "state_dict") else {}
+            for key, value in state.items() if isinstance(state, Mapping) else []:
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.is_floating_point()
+                    and not bool(torch.isfinite(value).all())
+                ):
+                    found.append(f"{name}.{key}")
+        return found
+
     def __call__(self, engine: Engine) -> None:
+        if self.save_key_metric:
+            score = self._key_metric_score(engine)
+            non_finite = self._non_finite()
+            if not math.isfinite(score) or non_finite:
+                warnings.warn(
+                    f"not saving the best model at epoch {engine.state.epoch}: "
+                    + (f"its key metric is {score}" if not math.isfinite(score) else "")
+                    + (" and " if not math.isfinite(score) and non_finite else "")
+                    + (f"{len(non_finite)} of its tensors are not finite (e.g. {non_finite[0]})" if non_finite else "")
+                    + f"; {self.save_dir} keeps the previous best model, if any.",
+                    stacklevel=2,
+                )
+                return
         saved_before = self.checkpoint.state_dict()
         self.checkpoint(engine)
         if self.save_key_metric:

@@ -10,13 +10,15 @@ as before and then, when the chain of causes holds an error of monai-adv's own (
 
     monai-adv: error: <that error's message, on one line>
 
-Any other error (a bug, an error of MONAI, torch or the system) keeps Python's usual output and nothing is added.
+Progress bars still open are closed first, so that their last redraw does not follow the line. Any other error (a bug, an error of MONAI, torch or the system) keeps Python's usual output and nothing is added.
 Installing is idempotent and chains to the hook that was installed before.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
+import warnings
 from types import TracebackType
 
 from monai_adv.errors import MonaiAdvError
@@ -59,6 +61,22 @@ def summary_line(error: BaseException) -> str:
     return PREFIX + (" ".join(lines) if lines else type(error).__name__)
 
 
+def _close_progress_bars() -> None:
+    """Close the tqdm bars still open (Ignite's ``ProgressBar`` of an interrupted epoch), so that their final redraw,
+    which tqdm does when a bar is closed or collected at exit, comes before the summary line and not after it."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        return
+    with warnings.catch_warnings():  # isinstance() on some lazily deprecated objects warns
+        warnings.simplefilter("ignore")
+        bars = [obj for obj in gc.get_objects() if isinstance(obj, tqdm_module.tqdm)]
+    for bar in bars:
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001, S110 - a bar that cannot close must not hide the error report
+            pass
+
+
 class _ErrorReport:
     """The installed hook: the previous hook's output, then the summary line for monai-adv's own errors."""
 
@@ -69,6 +87,7 @@ class _ErrorReport:
         self.previous(error_type, error, traceback)
         cause = project_error(error) if isinstance(error, Exception) else None
         if cause is not None:
+            _close_progress_bars()
             sys.stderr.flush()
             print(summary_line(cause), file=sys.stderr, flush=True)
 

@@ -19,6 +19,7 @@ from monai_adv.errors import DataError, MissingFileError
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MaskToLabels",
     "binarize_mask",
     "datalist_from_folders",
     "image_datalist",
@@ -231,6 +232,7 @@ def load_datalist(
     spatial_dims: int | None = None,
     in_channels: int | None = None,
     check_files: bool = True,
+    intensity_range: Sequence[float] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """The training and validation (and test) items of the bundle, from the first source given, checked.
 
@@ -255,6 +257,9 @@ def load_datalist(
         spatial_dims: the network's spatial dimensions, checked against the images when given.
         in_channels: the network's input channels, checked against the images when given.
         check_files: check the files up front (a few hundred header reads per second of cost).
+        intensity_range: ``(low, high)`` of the bundle's fixed intensity scaling, or None for per-image scaling;
+            when given, images that it would clip (a 16-bit PNG with ``[0, 255]``) or that hold NaN/Inf values
+            are refused (see :func:`~monai_adv.data.check_datalist`).
 
     Returns:
         ``{"training": [...], "validation": [...]}``, plus ``"test": [...]`` when the split file or
@@ -314,6 +319,7 @@ def load_datalist(
             in_channels=in_channels,
             foreground_items=data["training"],
             name=str(source),
+            intensity_range=intensity_range,
         )
     return data
 
@@ -329,3 +335,81 @@ def binarize_mask(mask: torch.Tensor) -> torch.Tensor:
     strongest = mask.amax(dim=0, keepdim=True)
     peak = strongest.max()
     return (strongest > 0.5 * peak).to(torch.float32) if peak > 0 else torch.zeros_like(strongest, dtype=torch.float32)
+
+
+def _values_text(values: torch.Tensor, limit: int = 8) -> str:
+    shown = [f"{float(v):g}" for v in values[:limit]]
+    more = f", ... ({len(values)} values, up to {float(values[-1]):g})" if len(values) > limit else ""
+    return "{" + ", ".join(shown) + more + "}"
+
+
+class MaskToLabels:
+    """The label map the bundle trains on, from a loaded mask ``(C, *spatial)``, for ``out_channels`` outputs.
+
+    - Binary setting (``out_channels`` 1 or 2): :func:`binarize_mask` (foreground where any channel is above half
+      the mask's largest value; {0, 1}, {0, 255} and JPEG masks). A mask with values other than its background and
+      foreground, beyond compression noise near either end (more than 1% of its pixels between 10% and 90% of its
+      largest value, e.g. {0, 128, 255} or {0, 1, 2}), is still binarised, with a warning that names the file and
+      its values (the first such mask only): those classes merge.
+    - Several classes (``out_channels`` > 2): the mask must hold class indices ``0 .. out_channels - 1`` in one
+      channel (or identical channels); it is returned as they are, never thresholded.
+
+    Args:
+        out_channels: the network's output channels (the bundle's ``out_channels``).
+
+    Raises:
+        DataError: (a ``ValueError``) with ``out_channels`` > 2, for a mask whose values are not class indices below
+            ``out_channels`` or whose channels differ, naming the file and its values.
+    """
+
+    def __init__(self, out_channels: int = 2) -> None:
+        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f"out_channels must be an integer >= 1, got {out_channels!r}.")
+        self.out_channels = out_channels
+        self.warned = False
+
+    def __call__(self, mask: torch.Tensor) -> torch.Tensor:
+        meta = getattr(mask, "meta", None) or {}
+        name = meta.get("filename_or_obj", "a mask")
+        if self.out_channels <= 2:
+            if not self.warned:
+                self._warn_if_several_classes(mask, name)
+            return binarize_mask(mask)
+        if mask.shape[0] > 1 and not bool((mask == mask[:1]).all()):
+            raise DataError(
+                f"mask {name} has {mask.shape[0]} different channels, but out_channels is {self.out_channels}: "
+                "save class indices (0, 1, 2, ...) as a one-channel image."
+            )
+        labels = mask[:1]
+        values = torch.unique(labels.as_tensor() if hasattr(labels, "as_tensor") else labels)
+        if (
+            bool((values != values.round()).any())
+            or bool((values < 0).any())
+            or float(values.max()) >= self.out_channels
+        ):
+            raise DataError(
+                f"mask {name} has values {_values_text(values)}, but with out_channels {self.out_channels} a mask "
+                f"must hold class indices 0..{self.out_channels - 1}. Relabel it (a {{0, 255}} mask is binary: "
+                "--out_channels 2)."
+            )
+        return labels.to(torch.float32)
+
+    def _warn_if_several_classes(self, mask: torch.Tensor, name: str) -> None:
+        strongest = mask.amax(dim=0)
+        peak = float(strongest.max())
+        if peak <= 0:
+            return
+        values = torch.unique(strongest.as_tensor() if hasattr(strongest, "as_tensor") else strongest)
+        if len(values) <= 2:
+            return
+        between = ((strongest > 0.1 * peak) & (strongest < 0.9 * peak)).float().mean()
+        if float(between) <= 0.01:
+            return  # compression noise near background and foreground (JPEG masks)
+        self.warned = True
+        warnings.warn(
+            f"mask {name} has more than two values {_values_text(values)} ({float(between):.0%} of its pixels between "
+            f"background and foreground), but out_channels is {self.out_channels}: it is binarised at half its "
+            f"largest value ({peak / 2:g}), so its classes merge. For several classes give --out_channels with one "
+            "more than the largest class index. (Reported for the first such mask only.)",
+            stacklevel=2,
+        )

@@ -12,6 +12,7 @@ Not part of the augmentation library: they keep one bundle root's training state
 from monai_adv.bundle.checkpoints import AtomicCheckpointSaver, KeepPreviousDiskSaver, latest_checkpoint, require_file
 from monai_adv.bundle.guards import StopOnNonFiniteLoss
 from monai_adv.bundle.settings import ADV_METHODS, check_settings, intensity_range, intensity_scaling, spatial_size
+from monai_adv.bundle.tracking import TrackingGuard, bound_http_retries, check_tracking_server
 from monai_adv.bundle.training_run import TrainingRun, prepare_mlflow_handlers
 
 __all__ = [
@@ -19,8 +20,11 @@ __all__ = [
     "AtomicCheckpointSaver",
     "KeepPreviousDiskSaver",
     "StopOnNonFiniteLoss",
+    "TrackingGuard",
     "TrainingRun",
+    "bound_http_retries",
     "check_settings",
+    "check_tracking_server",
     "intensity_range",
     "intensity_scaling",
     "latest_checkpoint",

@@ -196,25 +196,55 @@ class TrainingRun:
 
 
 def prepare_mlflow_handlers(
-    handlers: Iterable[Any], params: Mapping[str, Any] | None = None, resume: bool = False
+    handlers: Iterable[Any],
+    params: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    validation_handlers: Iterable[Any] | None = None,
+    check_timeout: float = 5.0,
 ) -> list[Any]:
-    """Give ``params`` to MONAI's MLFlowHandlers in ``handlers`` and, when resuming, reopen their finished run.
+    """Make MONAI's MLFlowHandlers safe for a long training, give them ``params``, and reopen a resumed run.
 
-    ``--tracking mlflow`` appends an ``MLFlowHandler`` to ``train#handlers``; it logs ``experiment_param`` when
-    its run starts. MONAI's handler never writes into a FINISHED run: when resuming a training that had
-    completed, the run of that name is set back to RUNNING, so the resumed epochs join it.
+    ``--tracking mlflow`` appends an ``MLFlowHandler`` to ``train#handlers`` and ``validate#handlers``. For each:
+
+    - MLflow's HTTP retries and timeouts are bounded (:func:`~monai_adv.bundle.tracking.bound_http_retries`, only
+      the variables the user has not set), and an HTTP tracking server that does not answer within
+      ``check_timeout`` seconds is refused now, in one line, instead of stalling the trainer's start;
+    - its client is wrapped in a :class:`~monai_adv.bundle.tracking.TrackingGuard`: a logging call that fails
+      (the server died mid-run) is a warning, training and checkpoints go on, and a summary of what was not logged
+      comes at the end;
+    - the trainer's handlers log ``params`` (their ``experiment_param``) when their run starts;
+    - MONAI's handler never writes into a FINISHED run: when resuming a training that had completed, the run of
+      that name is set back to RUNNING, so the resumed epochs join it.
 
     Args:
         handlers: the trainer's handlers (others than MLFlowHandler are ignored).
         params: flat parameters to log, e.g. ``AdversarialAugmentationHandler.params``.
         resume: whether this training resumes an earlier one.
+        validation_handlers: the validator's handlers (guarded and checked, not given ``params``).
+        check_timeout: seconds to wait for an HTTP tracking server to answer.
 
     Returns:
-        The MLFlowHandlers found.
+        The trainer's MLFlowHandlers found.
+
+    Raises:
+        TrackingError: (a ``RuntimeError``) when an HTTP tracking server does not answer.
     """
     from monai.handlers import MLFlowHandler
 
+    from monai_adv.bundle.tracking import TrackingGuard, bound_http_retries, check_tracking_server
+
     found = [h for h in handlers if isinstance(h, MLFlowHandler)]
+    every = found + [h for h in (validation_handlers or []) if isinstance(h, MLFlowHandler)]
+    if every:
+        bound_http_retries()
+    checked: set[str] = set()
+    for handler in every:
+        uri = str(getattr(handler.client, "tracking_uri", ""))
+        if uri not in checked:
+            check_tracking_server(uri, timeout=check_timeout)
+            checked.add(uri)
+        if not isinstance(handler.client, TrackingGuard):
+            handler.client = TrackingGuard(handler.client)
     for handler in found:
         if params:
             handler.experiment_param = {**(handler.experiment_param or {}), **{k: str(v) for k, v in params.items()}}

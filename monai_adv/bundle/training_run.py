@@ -28,7 +28,7 @@ from monai.utils import str2bool
 from monai_adv.bundle.checkpoints import latest_checkpoint
 from monai_adv.errors import LockError, SettingsError
 
-__all__ = ["TrainingRun", "prepare_mlflow_handlers"]
+__all__ = ["RESUMABLE_SETTINGS", "TrainingRun", "prepare_mlflow_handlers"]
 
 RECORD_NAME = "training_run.json"
 LOCK_NAME = "training.lock"
@@ -38,7 +38,19 @@ BEST_MODEL_NAME = "model.pt"
 # a lock file still empty this long after it was created belongs to a process killed while writing it
 UNWRITTEN_LOCK_GRACE_S = 30.0
 
+# settings a resumed training may change: they do not change what is trained, only for how long and how fast
+RESUMABLE_SETTINGS = ("max_epochs", "val_interval", "num_workers", "adv#track_loss", "resume")
+
 logger = logging.getLogger(__name__)
+
+
+def _comparable(value: Any) -> Any:
+    """A setting as JSON would record it, with MONAI's true/false words as booleans (``"false"`` equals False)."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+        return str2bool(value.strip())
+    if isinstance(value, str) and value.strip().lower() in ("null", "none"):
+        return None
+    return json.loads(json.dumps(value, default=str))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -62,21 +74,30 @@ def _process_alive(pid: int) -> bool:
 class TrainingRun:
     """The identity and resume point of a training in ``ckpt_dir``; a checkpointable object.
 
+    With ``settings``, a fresh training records them in ``training_run.json``, and a resumed one compares its own
+    with them at :meth:`start` and refuses any change (naming each changed key) except of :data:`RESUMABLE_SETTINGS`:
+    a resumed training continues the same run, whose MLflow parameters cannot change.
+
     Args:
         ckpt_dir: the bundle's checkpoint folder (``models/``).
         resume: continue the latest training of this folder (``--resume true`` arrives as a string).
+        settings: the settings that define the training, keyed as on the command line (the bundle's ``settings``).
 
     Raises:
-        ValueError: when ``resume`` is not a boolean or one of MONAI's true/false words.
+        SettingsError: (a ``ValueError``) when ``resume`` is not a boolean or one of MONAI's true/false words.
     """
 
-    def __init__(self, ckpt_dir: str | os.PathLike, resume: bool | str = False) -> None:
+    def __init__(
+        self, ckpt_dir: str | os.PathLike, resume: bool | str = False, settings: Mapping[str, Any] | None = None
+    ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
+        self.settings = {key: _comparable(value) for key, value in (settings or {}).items()}
         try:
             self.resume = str2bool(str(resume).strip() if not isinstance(resume, bool) else resume)
         except ValueError as err:  # MONAI's message does not name the setting
             raise SettingsError(f"resume must be true or false, got {resume!r}.") from err
         record = _read_json(self.ckpt_dir / RECORD_NAME) if self.resume else None
+        self.recorded_settings = record.get("settings") if record and isinstance(record.get("settings"), dict) else None
         if record and record.get("run_id"):
             self.run_id = str(record["run_id"])
             self.started = str(record.get("started", ""))
@@ -105,9 +126,11 @@ class TrainingRun:
 
         Raises:
             FileNotFoundError: when resuming and there is no readable checkpoint.
+            SettingsError: when resuming with settings that differ from the training's, naming each changed key.
             RuntimeError: when another training holds the lock of ``ckpt_dir``.
         """
         _ = self.checkpoint  # fail before touching anything
+        self.check_resumed_settings()
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
         if not self.resume:
@@ -115,9 +138,43 @@ class TrainingRun:
         record = {"run_id": self.run_id, "started": self.started, "resumed": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if not self.resume:
             record.pop("resumed")
+        recorded = self.recorded_settings if self.resume and self.recorded_settings is not None else self.settings
+        if recorded:
+            record["settings"] = {k: v for k, v in recorded.items() if k not in RESUMABLE_SETTINGS}
         (self.ckpt_dir / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
         logger.info(
             f"training {self.run_id} in {self.ckpt_dir}" + (f", resuming from {self.checkpoint}" if self.resume else "")
+        )
+
+    def changed_settings(self) -> dict[str, tuple[Any, Any]]:
+        """``{key: (recorded, now)}`` for the settings a resumed training changes (none when not resuming, or when the
+        training recorded no settings)."""
+        if not self.resume or self.recorded_settings is None or not self.settings:
+            return {}
+        keys = (set(self.recorded_settings) | set(self.settings)) - set(RESUMABLE_SETTINGS)
+        missing = object()
+        return {
+            key: (self.recorded_settings.get(key), self.settings.get(key))
+            for key in sorted(keys)
+            if self.recorded_settings.get(key, missing) != self.settings.get(key, missing)
+        }
+
+    def check_resumed_settings(self) -> None:
+        """Refuse to resume with other settings than those the training was started with.
+
+        Raises:
+            SettingsError: naming each changed key with its recorded and new value, and how to start a new training.
+        """
+        changed = self.changed_settings()
+        if not changed:
+            return
+        listing = ", ".join(f"--{key} {json.dumps(old)} -> {json.dumps(new)}" for key, (old, new) in changed.items())
+        raise SettingsError(
+            f"--resume true would continue training {self.run_id} with other settings than it was started with "
+            f"({self.ckpt_dir / RECORD_NAME}): {listing}. Resume it with its own settings (only "
+            f"{', '.join('--' + k for k in RESUMABLE_SETTINGS if k != 'resume')} may change), or start a new training "
+            "with these settings by leaving out --resume true (the current one is then moved to "
+            f"{self.ckpt_dir / ARCHIVE_DIR}/{self.run_id}/)."
         )
 
     def finish(self) -> None:

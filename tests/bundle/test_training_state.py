@@ -158,3 +158,22 @@ def test_resume_continues_the_latest_training_and_keeps_its_best_model(bundle, t
     a_iou = [m.step for m in client.get_metric_history(runs[run_a].info.run_id, "val_mean_iou")]
     assert sorted(a_iou) == [1, 2]
     assert 0.0 <= best_b <= 1.0
+
+
+@pytest.mark.slow
+def test_resume_with_a_changed_setting_is_refused_at_start_naming_the_keys(bundle, trained_bundle, tmp_path):
+    root = bundle.copy_outputs(trained_bundle.root, tmp_path / "bundle")
+    before = sorted(p.name for p in (root / "models").iterdir())
+    recorded = json.loads((root / "models" / "training_run.json").read_text())["settings"]
+    assert recorded["adv#epsilon"] == 0.1 and recorded["adv#method"] == "fgsm" and "max_epochs" not in recorded
+    run = bundle.train(root, {"adv#method": "fgsm", "adv#epsilon": 0.05, "learning_rate": 0.01, "resume": "true",
+                              "max_epochs": 3}, tracking="mlflow", expect_success=False)  # fmt: skip
+    last = run.output.strip().splitlines()[-1]
+    assert last.startswith("monai-adv: error: --resume true would continue training run_"), run.describe()
+    assert "--adv#epsilon 0.1 -> 0.05, --learning_rate 0.001 -> 0.01." in last
+    assert "by leaving out --resume true" in last and "Changing param values" not in run.output
+    assert sorted(p.name for p in (root / "models").iterdir()) == before  # nothing touched, no lock left
+    # more epochs are a legitimate change
+    more = bundle.train(root, {"adv#method": "fgsm", "adv#track_loss": "true", "resume": "true", "max_epochs": 3},
+                        tracking="mlflow")  # fmt: skip
+    assert "Epoch[3] Metrics" in more.output, more.describe()

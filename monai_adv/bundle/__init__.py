@@ -9,7 +9,13 @@ Not part of the augmentation library: they keep one bundle root's training state
   two trainings out of one bundle root, and the adversarial parameters handed to MLflow.
 """
 
-from monai_adv.bundle.checkpoints import AtomicCheckpointSaver, KeepPreviousDiskSaver, latest_checkpoint, require_file
+from monai_adv.bundle.checkpoints import (
+    AtomicCheckpointSaver,
+    KeepPreviousDiskSaver,
+    check_checkpoint_fits,
+    latest_checkpoint,
+    require_file,
+)
 from monai_adv.bundle.guards import StopOnNonFiniteLoss
 from monai_adv.bundle.settings import ADV_METHODS, check_settings, intensity_range, intensity_scaling, spatial_size
 from monai_adv.bundle.tracking import TrackingGuard, bound_http_retries, check_tracking_server
@@ -23,6 +29,7 @@ __all__ = [
     "TrackingGuard",
     "TrainingRun",
     "bound_http_retries",
+    "check_checkpoint_fits",
     "check_settings",
     "check_tracking_server",
     "intensity_range",

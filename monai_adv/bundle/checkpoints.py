@@ -8,6 +8,7 @@ temporary file, renames it into place, and only then removes the file it replace
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,9 +21,15 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
-from monai_adv.errors import MissingFileError
+from monai_adv.errors import CheckpointError, MissingFileError
 
-__all__ = ["AtomicCheckpointSaver", "KeepPreviousDiskSaver", "latest_checkpoint", "require_file"]
+__all__ = [
+    "AtomicCheckpointSaver",
+    "KeepPreviousDiskSaver",
+    "check_checkpoint_fits",
+    "latest_checkpoint",
+    "require_file",
+]
 
 
 class KeepPreviousDiskSaver(DiskSaver):
@@ -246,3 +253,88 @@ def require_file(path: str | os.PathLike, what: str = "file") -> str:
     if not Path(path).is_file():
         raise MissingFileError(f"{what} {path} does not exist.")
     return str(path)
+
+
+NETWORK_SETTINGS = ("features", "in_channels", "out_channels", "spatial_dims", "image_size")
+
+
+def _convolutions(state: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    return [(k, tuple(v.shape)) for k, v in state.items() if k.endswith("weight") and getattr(v, "ndim", 0) in (4, 5)]
+
+
+def _described(state: Mapping[str, Any]) -> str:
+    """What the weights say about the network: input channels and spatial dims (first convolution), output
+    channels (last one)."""
+    convolutions = _convolutions(state)
+    if not convolutions:
+        return ""
+    (_, first), (_, last) = convolutions[0], convolutions[-1]
+    return f"in_channels {first[1]}, out_channels {last[0]}, spatial_dims {len(first) - 2}, first features {first[0]}"
+
+
+def check_checkpoint_fits(
+    network: torch.nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], key: str = "model"
+) -> None:
+    """Refuse a checkpoint saved from a network of another size, naming the settings to repeat.
+
+    ``load_state_dict`` of a BasicUNet with other ``features`` (or channels, or spatial dims) fails with a size
+    mismatch for every layer, hundreds of lines that do not say which command-line setting differs. This compares
+    names and shapes first and raises one error that names the differing tensors, what the checkpoint's weights say
+    (input/output channels, spatial dims, first features), the settings recorded in ``training_run.json`` next to
+    it (when there is one), and the overrides to repeat: ``--features``, ``--in_channels``, ``--out_channels``,
+    ``--spatial_dims`` (and ``--image_size`` for the inputs).
+
+    Args:
+        network: the network the weights are for (a ``DistributedDataParallel`` wrapper is looked through).
+        checkpoint: a checkpoint file (``model.pt``, or a training checkpoint holding ``key``) or a state dict.
+        key: the entry of a training checkpoint that holds the network's weights.
+
+    Raises:
+        MissingFileError: (a ``FileNotFoundError``) when the file does not exist.
+        CheckpointError: (a ``ValueError``) when tensors are missing, unexpected or of another shape.
+    """
+    source = "the checkpoint"
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = str(checkpoint)
+        require_file(checkpoint, "checkpoint")
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    else:
+        state = checkpoint
+    if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+        state = state[key]
+    module = getattr(network, "module", network)
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    different = [
+        f"{k}: checkpoint {tuple(state[k].shape)}, network {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or different):
+        return
+    found = []
+    if different:
+        found.append(f"{len(different)} tensor(s) of another shape (e.g. {different[0]})")
+    if missing:
+        found.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        found.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    weights, network_has = _described(state), _described(expected)
+    recorded = ""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        record_path = Path(checkpoint).parent / "training_run.json"
+        try:
+            settings = json.loads(record_path.read_text()).get("settings") or {}
+        except (OSError, ValueError):
+            settings = {}
+        shown = [f"--{k} {json.dumps(settings[k])}" for k in NETWORK_SETTINGS if k in settings]
+        if shown:
+            recorded = f" Its training ({record_path}) used {' '.join(shown)}."
+    raise CheckpointError(
+        f"{source} was saved from a network of another size: {', '.join(found)}."
+        + (f" Its weights have {weights}; this network has {network_has}." if weights and network_has else "")
+        + recorded
+        + " Repeat the training's --features, --in_channels, --out_channels and --spatial_dims (and --image_size) "
+        "when evaluating, inferring or attacking it."
+    )

@@ -40,15 +40,20 @@ def last_line(run) -> str:
 
 
 @pytest.mark.slow
-def test_missing_checkpoint_ends_with_one_line(bundle, tmp_path):
-    run = bundle.run(
-        "run", "evaluating", "--config_file", f"['{bundle.train_json}','{bundle.evaluate_json}']",
-        "--bundle_root", tmp_path, expect_success=False,
-    )  # fmt: skip
+@pytest.mark.parametrize(
+    ("workflow", "overlay", "what"),
+    [
+        ("evaluating", "evaluate.json", "checkpoint to evaluate"),
+        ("robustness", "robustness.json", "checkpoint to evaluate"),
+        ("augment", "augment.json", "checkpoint to attack"),
+        ("inferring", None, "checkpoint for inference"),
+    ],
+)
+def test_missing_checkpoint_ends_with_one_line_in_every_workflow(bundle, tmp_path, workflow, overlay, what):
+    configs = f"['{bundle.train_json}','{bundle.configs / overlay}']" if overlay else bundle.inference_json
+    run = bundle.run("run", workflow, "--config_file", configs, "--bundle_root", tmp_path, expect_success=False)
     assert run.returncode != 0
-    assert last_line(run) == (
-        f"{PREFIX}checkpoint to evaluate (ckpt_path) {tmp_path}/models/model.pt does not exist."
-    ), run.describe()
+    assert last_line(run) == f"{PREFIX}{what} (ckpt_path) {tmp_path}/models/model.pt does not exist.", run.describe()
     assert "Traceback" in run.output  # the traceback stays above it
 
 

@@ -30,14 +30,22 @@ def table_rows(page: str, heading: str) -> dict[str, list[str]]:
     return rows
 
 
+# the smoke profile's limits: 16 training, 8 validation and 8 test images
+SMOKE_TEST_IMAGES, SMOKE_TRAIN_IMAGES = 8, 16
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """A small subset is taken by the smoke profile; Kvasir-SEG when present, else a generated dataset."""
+    """A small subset is taken by the smoke profile; Kvasir-SEG when present, else a generated dataset.
+
+    Without a split.json with a test list, the reproduction splits 80/10/10: 80 generated images give the smoke
+    profile its full 8 test and 16 training images, as Kvasir-SEG does.
+    """
     if (KVASIR / "split.json").is_file():
         return KVASIR
     from monai_adv.data.synthetic import make_synthetic_dataset
 
-    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", num_images=40, size=48)
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", num_images=80, size=48)
 
 
 def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
@@ -73,7 +81,7 @@ def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
         root = output / "work" / "runs" / "seed0" / arm
         # the test score is the clean row of this arm's robustness.json on the test split
         measured = json.loads((root / "robustness_test" / "robustness.json").read_text())
-        assert measured["num_images"] == 8
+        assert measured["num_images"] == SMOKE_TEST_IMAGES
         rows = {(r["attack"], r["epsilon"]): r for r in measured["results"]}
         assert test_rows[label][0] == f"{rows['fgsm', 0.0]['mean_iou']:.4f}"
         assert test_rows[label][1] == f"{rows['fgsm', 0.0]['mean_dice']:.4f}"
@@ -90,9 +98,24 @@ def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
         assert val_rows[label][-1] == f"{history[3]:.4f}"
     # one adversarial copy per training item for each offline method, from the UNet arm's checkpoint
     offline = json.loads((output / "work" / "runs" / "seed0" / "offline_data" / "datalist_invfgsm.json").read_text())
-    assert len(offline["training"]) == 32 and offline["checkpoint"].endswith(
+    assert len(offline["training"]) == 2 * SMOKE_TRAIN_IMAGES and offline["checkpoint"].endswith(
         str(Path("seed0", "unet", "models", "model.pt"))
     )
     assert re.search(r"\*\*(held|did not hold|unclear)", page)
     summary = json.loads((output / "results" / "summary.json").read_text())
     assert f"{summary['arms']['unet']['test_mean_iou']['mean']:.4f}" == test_rows["UNet"][0]
+
+
+def test_the_generated_fallback_dataset_fills_the_smoke_profile(tmp_path):
+    """On a plain clone (no Kvasir-SEG) the test above runs on the generated dataset: it must give the smoke profile
+    the same numbers of images as Kvasir-SEG does, which the assertions above count on."""
+    from monai_adv.data.synthetic import make_synthetic_dataset
+    from monai_adv.reproduce import PROFILES, Reproduction
+
+    data = make_synthetic_dataset(tmp_path / "synthetic", num_images=80, size=48)
+    parts = Reproduction(data, PROFILES["smoke"], seeds=[0], work_dir=tmp_path / "work").split()
+    assert (len(parts["train"]), len(parts["validation"]), len(parts["test"])) == (
+        SMOKE_TRAIN_IMAGES,
+        8,
+        SMOKE_TEST_IMAGES,
+    )

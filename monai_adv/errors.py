@@ -18,6 +18,7 @@ __all__ = [
     "MonaiAdvError",
     "SettingsError",
     "TrackingError",
+    "TrainingInterrupted",
     "UnreadableFileError",
 ]
 
@@ -52,6 +53,10 @@ class CheckpointError(MonaiAdvError, ValueError):
 
 class LockError(MonaiAdvError, RuntimeError):
     """Another process holds the bundle root's training lock."""
+
+
+class TrainingInterrupted(MonaiAdvError, RuntimeError):
+    """The training was stopped by a signal (SIGTERM from a scheduler or ``docker stop``)."""
 
 
 class TrackingError(MonaiAdvError, RuntimeError):

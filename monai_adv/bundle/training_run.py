@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -26,7 +28,7 @@ from typing import Any
 from monai.utils import str2bool
 
 from monai_adv.bundle.checkpoints import latest_checkpoint
-from monai_adv.errors import LockError, SettingsError
+from monai_adv.errors import LockError, SettingsError, TrainingInterrupted
 
 __all__ = ["RESUMABLE_SETTINGS", "TrainingRun", "prepare_mlflow_handlers"]
 
@@ -42,6 +44,8 @@ UNWRITTEN_LOCK_GRACE_S = 30.0
 RESUMABLE_SETTINGS = ("max_epochs", "val_interval", "num_workers", "adv#track_loss", "resume")
 
 logger = logging.getLogger(__name__)
+# the trainers' MLflow handlers of this process (prepare_mlflow_handlers), closed as KILLED on SIGTERM
+_TRACKED_HANDLERS: list[Any] = []
 
 
 def _comparable(value: Any) -> Any:
@@ -106,6 +110,7 @@ class TrainingRun:
             self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.lock_path = self.ckpt_dir / LOCK_NAME
         self._holds_lock = False
+        self._previous_sigterm: Any = None
 
     @property
     def run_name(self) -> str:
@@ -142,6 +147,7 @@ class TrainingRun:
         if recorded:
             record["settings"] = {k: v for k, v in recorded.items() if k not in RESUMABLE_SETTINGS}
         (self.ckpt_dir / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        self._stop_on_sigterm()
         logger.info(
             f"training {self.run_id} in {self.ckpt_dir}" + (f", resuming from {self.checkpoint}" if self.resume else "")
         )
@@ -177,8 +183,41 @@ class TrainingRun:
             f"{self.ckpt_dir / ARCHIVE_DIR}/{self.run_id}/)."
         )
 
+    def _stop_on_sigterm(self) -> None:
+        """From now on SIGTERM (a scheduler, ``docker stop``) stops the training cleanly (see :meth:`terminate`)."""
+        if threading.current_thread() is threading.main_thread() and self._previous_sigterm is None:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self.terminate)
+
+    def terminate(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
+        """The SIGTERM handler: abandon the iteration in progress, close the MLflow runs as KILLED, and raise.
+
+        The exception ends the trainer like any error: the checkpoints already written stay (each is complete, see
+        :class:`~monai_adv.bundle.AtomicCheckpointSaver`), and the lock is released at exit. A second SIGTERM gets
+        the handler that was there before.
+
+        Raises:
+            TrainingInterrupted: naming the training, the signal and the last complete checkpoint.
+        """
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+        for handler in _TRACKED_HANDLERS:
+            run = getattr(handler, "cur_run", None)
+            if run is not None:
+                handler.client.set_terminated(run.info.run_id, "KILLED")
+                handler.cur_run = None  # MONAI's close() must not mark it FINISHED
+        found = sorted(self.ckpt_dir.glob(CHECKPOINT_PATTERN), key=lambda p: p.stat().st_mtime)
+        last = f"{found[-1]} is the last complete checkpoint" if found else "no checkpoint had been written yet"
+        raise TrainingInterrupted(
+            f"training {self.run_id} stopped by {signal.Signals(signum).name}: the iteration in progress was "
+            f"abandoned, {last}, and the lock is released. Continue it with --resume true."
+        )
+
     def finish(self) -> None:
-        """Release the lock (also done at exit)."""
+        """Release the lock (also done at exit) and give SIGTERM back its previous handler."""
+        if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
         if not self._holds_lock:
             return
         holder = _read_json(self.lock_path)
@@ -302,6 +341,7 @@ def prepare_mlflow_handlers(
             checked.add(uri)
         if not isinstance(handler.client, TrackingGuard):
             handler.client = TrackingGuard(handler.client)
+    _TRACKED_HANDLERS.extend(h for h in found if h not in _TRACKED_HANDLERS)
     for handler in found:
         if params:
             handler.experiment_param = {**(handler.experiment_param or {}), **{k: str(v) for k, v in params.items()}}

@@ -177,3 +177,34 @@ def test_resume_with_a_changed_setting_is_refused_at_start_naming_the_keys(bundl
     more = bundle.train(root, {"adv#method": "fgsm", "adv#track_loss": "true", "resume": "true", "max_epochs": 3},
                         tracking="mlflow")  # fmt: skip
     assert "Epoch[3] Metrics" in more.output, more.describe()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_cleanly(bundle, tmp_path):
+    root = tmp_path / "bundle"
+    log = tmp_path / "train.log"
+    process = start_training(bundle, root, {"max_epochs": 500, "adv#method": "fgsm"}, log, str(bundle.train_json), {})
+    try:
+        wait_for(log, "Saved checkpoint at epoch: 2", process)
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log.read_text()
+    assert returncode == 1, output[-6000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("monai-adv: error: training run_") and "stopped by SIGTERM" in last, output[-4000:]
+    assert "is the last complete checkpoint" in last and "--resume true" in last
+    models = root / "models"
+    assert not (models / "training.lock").exists(), "the lock was left behind"
+    checkpoint = latest_checkpoint(models)
+    assert Path(checkpoint).name in last
+    _, runs = mlflow_runs(bundle, root)
+    (run,) = runs.values()
+    assert run.info.status == "KILLED"
+    # and it resumes from there
+    epoch = int(Path(checkpoint).stem.split("=")[1])
+    resumed = bundle.train(root, {"max_epochs": epoch + 1, "adv#method": "fgsm", "resume": "true"}, tracking="mlflow")
+    assert f"Epoch[{epoch + 1}] Metrics" in resumed.output, resumed.describe()

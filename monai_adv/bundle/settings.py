@@ -8,7 +8,6 @@ the key, before any data is loaded.
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -141,8 +140,19 @@ def _adv_method(value: Any) -> str | None:
             f"{message} PGD (iterative FGSM) is --adv#method fgsm with --adv#num_steps N (e.g. "
             "--adv#method fgsm --adv#num_steps 10; invfgsm and both iterate the same way)."
         )
-    close = difflib.get_close_matches(method, ADV_METHODS, n=1)
-    return message + (f" Did you mean {close[0]!r}?" if close else "")
+    distance, closest = min((_edit_distance(method, option), option) for option in ADV_METHODS)
+    return message + (f" Did you mean {closest!r}?" if distance <= max(2, len(method) // 2 + 1) else "")
+
+
+def _edit_distance(first: str, second: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions)."""
+    previous = list(range(len(second) + 1))
+    for i, a in enumerate(first, 1):
+        current = [i]
+        for j, b in enumerate(second, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a != b)))
+        previous = current
+    return previous[-1]
 
 
 def _epsilon(value: Any) -> str | None:

@@ -206,6 +206,29 @@ def _check_values(image: ImageHeader, intensity_range: Sequence[float], problems
     return stats
 
 
+def _suffix(path: str) -> str:
+    name = path.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+
+
+def _unreadable_formats(items: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[str]:
+    """One problem per file suffix that no reader of MONAI's ``LoadImage`` (as installed) accepts."""
+    from monai.transforms import LoadImage
+
+    readers = LoadImage(image_only=True).readers
+    examples: dict[str, str] = {}
+    for item in items:
+        for key in keys:
+            if isinstance(item.get(key), (str, os.PathLike)):
+                examples.setdefault(_suffix(str(item[key])), str(item[key]))
+    return [
+        f"{path}: MONAI's image readers installed here cannot load {suffix} files (its PIL reader takes PNG, JPEG "
+        "and BMP; TIFF needs itk: pip install itk). Convert the files to PNG or NIfTI, or install a reader."
+        for suffix, path in sorted(examples.items())
+        if not any(reader.verify_suffix(path) for reader in readers)
+    ]
+
+
 def _listed(problems: Sequence[str]) -> str:
     shown = "\n  ".join(problems[:_MAX_LISTED])
     more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
@@ -221,6 +244,7 @@ def check_datalist(
     foreground_items: Sequence[dict[str, Any]] | None = None,
     name: str = "datalist",
     intensity_range: Sequence[float] | None = None,
+    require_label: bool = False,
 ) -> None:
     """Check every item's files from their headers (and, for the intensity range, their values) before training.
 
@@ -233,6 +257,8 @@ def check_datalist(
       without ``in_channels``, images whose channel counts differ;
     - a mask whose spatial size differs from its image's (it would be resized to fit, silently wrong);
     - a mask with an alpha channel (the alpha would count as foreground everywhere);
+    - with ``require_label``, an item without ``label_key`` (e.g. ``"mask"`` instead of ``"label"``);
+    - a file of a format that none of MONAI's image readers installed here can load (TIFF without ``itk``);
     - with ``intensity_range`` (the fixed ``[low, high]`` scaling to [0, 1], values outside clipped): an image
       with more than :data:`MAX_CLIPPED_FRACTION` of its values outside the range (a 16-bit PNG or a CT in
       Hounsfield units with the 8-bit default ``[0, 255]``), or with NaN or infinite values. Only files that are
@@ -247,6 +273,7 @@ def check_datalist(
         foreground_items: when given, warn if none of their masks has any foreground (the training set).
         name: what the items are, for messages.
         intensity_range: ``(low, high)`` of the fixed intensity scaling, or None (per-image scaling: not checked).
+        require_label: refuse items without ``label_key`` (training data), naming their other keys.
 
     Raises:
         DataError: (a ``ValueError``) listing every problem found, with file names, sizes and values.
@@ -282,6 +309,12 @@ def check_datalist(
             if stats is not None and stats.clipped_fraction > 0:
                 partly_clipped.append(stats)
         if label_key not in item:
+            if require_label:
+                others = ", ".join(repr(k) for k in item if k != image_key)
+                problems.append(
+                    f"item {index} of {name} ({item[image_key]}) has no {label_key!r} key"
+                    + (f" (its other keys: {others}): name the mask's key {label_key!r}." if others else ".")
+                )
             continue
         try:
             mask = read_header(item[label_key])
@@ -295,6 +328,7 @@ def check_datalist(
             )
         if "A" in mask.mode or "a" in mask.mode:
             problems.append(f"mask {mask.path} has an alpha channel (mode {mask.mode}): save it as a grey image.")
+    problems.extend(_unreadable_formats(items, (image_key, label_key)))
     for attribute, setting, what in (
         ("spatial_shape", spatial_dims, "spatial dimension(s)"),
         ("channels", in_channels, "channel(s)"),

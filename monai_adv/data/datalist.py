@@ -42,6 +42,8 @@ def _files_by_stem(folder: Path) -> dict[str, str]:
     files: dict[str, str] = {}
     for path in sorted(folder.iterdir()):
         stem = _stem(path)
+        if stem is not None and path.is_symlink() and not path.exists():
+            raise DataError(f"{path} is a broken symbolic link (to {os.readlink(path)}): fix or remove it.")
         if stem is None or not path.is_file():
             continue
         if stem in files:
@@ -313,6 +315,17 @@ def load_datalist(
     if test is not None:
         data["test"] = test
     if check_files:
+        unlabelled = [
+            f"{part} item {index} ({item.get('image')}): keys {sorted(item)}"
+            for part in ("training", "validation")
+            for index, item in enumerate(data[part])
+            if "label" not in item
+        ]
+        if unlabelled:
+            raise DataError(
+                f"{len(unlabelled)} training/validation item(s) of {source} have no 'label' key (name each mask "
+                f"'label', e.g. not 'mask'):\n  " + "\n  ".join(unlabelled[:10])
+            )
         check_datalist(
             [item for part in data.values() for item in part],
             spatial_dims=spatial_dims,

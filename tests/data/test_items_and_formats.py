@@ -55,7 +55,9 @@ def test_files_no_installed_reader_can_load_are_refused_at_start(tmp_path):
     readable = any(reader.verify_suffix(str(root / "images" / "a.tif")) for reader in LoadImage().readers)
     if readable:
         pytest.skip("a TIFF reader (itk) is installed here: TIFF files load")
-    with pytest.raises(DataError, match=r"images/[a-d]\.tif: MONAI's image readers installed here cannot load \.tif files"):
+    with pytest.raises(
+        DataError, match=r"images/[a-d]\.tif: MONAI's image readers installed here cannot load \.tif files"
+    ):
         load_datalist(dataset_dir=root, in_channels=1)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from monai.utils import str2bool
 
 from monai_adv.bundle.checkpoints import latest_checkpoint
-from monai_adv.errors import LockError, SettingsError, TrainingInterrupted
+from monai_adv.errors import LockError, SettingsError, TrackingError, TrainingInterrupted
 
 __all__ = ["RESUMABLE_SETTINGS", "TrainingRun", "prepare_mlflow_handlers"]
 
@@ -291,6 +291,20 @@ class TrainingRun:
             warnings.warn(f"checkpoint of training {run_id} resumed as training {self.run_id} (see {RECORD_NAME}).")
 
 
+def _refuse_deleted_experiment(handler: Any, uri: str) -> None:
+    """MLflow refuses to log into a soft-deleted experiment ("Cannot set a deleted experiment"), after startup."""
+    name = getattr(handler, "experiment_name", None)
+    experiment = handler.client.get_experiment_by_name(name) if name else None
+    if experiment is None or str(experiment.lifecycle_stage).lower() == "active":
+        return
+    raise TrackingError(
+        f"the MLflow experiment {name!r} at {uri} is deleted (id {experiment.experiment_id}, in MLflow's trash): "
+        f"restore it with `MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id "
+        f"{experiment.experiment_id}`, remove it for good with `mlflow gc --backend-store-uri {uri}`, or log to "
+        "another experiment with --experiment_name NAME."
+    )
+
+
 def prepare_mlflow_handlers(
     handlers: Iterable[Any],
     params: Mapping[str, Any] | None = None,
@@ -308,6 +322,7 @@ def prepare_mlflow_handlers(
     - its client is wrapped in a :class:`~monai_adv.bundle.tracking.TrackingGuard`: a logging call that fails
       (the server died mid-run) is a warning, training and checkpoints go on, and a summary of what was not logged
       comes at the end;
+    - a soft-deleted experiment of the same name is refused now, with how to restore it or use another name;
     - the trainer's handlers log ``params`` (their ``experiment_param``) when their run starts;
     - MONAI's handler never writes into a FINISHED run: when resuming a training that had completed, the run of
       that name is set back to RUNNING, so the resumed epochs join it.
@@ -323,7 +338,8 @@ def prepare_mlflow_handlers(
         The trainer's MLFlowHandlers found.
 
     Raises:
-        TrackingError: (a ``RuntimeError``) when an HTTP tracking server does not answer.
+        TrackingError: (a ``RuntimeError``) when an HTTP tracking server does not answer, or the experiment is
+            soft-deleted (saying how to restore or rename it).
     """
     from monai.handlers import MLFlowHandler
 
@@ -341,6 +357,7 @@ def prepare_mlflow_handlers(
             checked.add(uri)
         if not isinstance(handler.client, TrackingGuard):
             handler.client = TrackingGuard(handler.client)
+        _refuse_deleted_experiment(handler, uri)
     _TRACKED_HANDLERS.extend(h for h in found if h not in _TRACKED_HANDLERS)
     for handler in found:
         if params:

@@ -99,3 +99,22 @@ def test_a_server_that_dies_mid_run_leaves_training_and_checkpoints_going(bundle
     assert "train_loss (steps" in trainer and "train_epoch_loss (steps 1-3, 3 values)" in trainer, trainer
     assert "the run's end (it stays RUNNING on the server)" in trainer
     assert "val_mean_iou (steps 1-3, 3 values)" in validator, validator
+
+
+@pytest.mark.slow
+def test_a_deleted_experiment_of_the_same_name_is_refused_at_start(bundle, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path / "root"
+    (root / "eval").mkdir(parents=True)
+    uri = bundle.sqlite_uri(root)
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment(bundle.experiment)
+    client.delete_experiment(experiment_id)
+    run = bundle.train(root, {"adv#method": "none"}, tracking="mlflow", expect_success=False)
+    last = run.output.strip().splitlines()[-1]
+    assert last.startswith(f"{PREFIX}the MLflow experiment '{bundle.experiment}' at {uri} is deleted"), run.describe()
+    assert f"mlflow experiments restore --experiment-id {experiment_id}" in last and "--experiment_name" in last
+    assert "Cannot set a deleted experiment" not in run.output
+    client.restore_experiment(experiment_id)
+    bundle.train(root, {"adv#method": "none", "max_epochs": 1}, tracking="mlflow")  # trains once restored

@@ -17,6 +17,7 @@ from monai_adv.bundle.checkpoints import (
     require_file,
 )
 from monai_adv.bundle.guards import StopOnNonFiniteLoss
+from monai_adv.bundle.locks import FolderLock
 from monai_adv.bundle.settings import ADV_METHODS, check_settings, intensity_range, intensity_scaling, spatial_size
 from monai_adv.bundle.tracking import TrackingGuard, bound_http_retries, check_tracking_server
 from monai_adv.bundle.training_run import TrainingRun, prepare_mlflow_handlers
@@ -24,6 +25,7 @@ from monai_adv.bundle.training_run import TrainingRun, prepare_mlflow_handlers
 __all__ = [
     "ADV_METHODS",
     "AtomicCheckpointSaver",
+    "FolderLock",
     "KeepPreviousDiskSaver",
     "StopOnNonFiniteLoss",
     "TrackingGuard",

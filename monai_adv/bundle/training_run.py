@@ -9,13 +9,11 @@ while one runs; the lock of a process that no longer runs is taken over with a w
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -28,7 +26,8 @@ from typing import Any
 from monai.utils import str2bool
 
 from monai_adv.bundle.checkpoints import latest_checkpoint
-from monai_adv.errors import LockError, SettingsError, TrackingError, TrainingInterrupted
+from monai_adv.bundle.locks import FolderLock
+from monai_adv.errors import SettingsError, TrackingError, TrainingInterrupted
 
 __all__ = ["RESUMABLE_SETTINGS", "TrainingRun", "prepare_mlflow_handlers"]
 
@@ -37,8 +36,6 @@ LOCK_NAME = "training.lock"
 ARCHIVE_DIR = "previous_runs"
 CHECKPOINT_PATTERN = "checkpoint_epoch=*.pt"
 BEST_MODEL_NAME = "model.pt"
-# a lock file still empty this long after it was created belongs to a process killed while writing it
-UNWRITTEN_LOCK_GRACE_S = 30.0
 
 # settings a resumed training may change: they do not change what is trained, only for how long and how fast
 RESUMABLE_SETTINGS = ("max_epochs", "val_interval", "num_workers", "adv#track_loss", "resume")
@@ -63,16 +60,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return content if isinstance(content, dict) else None
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 class TrainingRun:
@@ -109,6 +96,10 @@ class TrainingRun:
             self.run_id = f"run_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
             self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.lock_path = self.ckpt_dir / LOCK_NAME
+        self._lock = FolderLock(
+            self.ckpt_dir, LOCK_NAME, "training", "train in another --bundle_root",
+            {"run_id": self.run_id, "started": self.started},
+        )  # fmt: skip
         self._holds_lock = False
         self._previous_sigterm: Any = None
 
@@ -220,48 +211,12 @@ class TrainingRun:
             self._previous_sigterm = None
         if not self._holds_lock:
             return
-        holder = _read_json(self.lock_path)
-        if holder and holder.get("pid") == os.getpid() and holder.get("run_id") == self.run_id:
-            self.lock_path.unlink(missing_ok=True)
+        self._lock.release()
         self._holds_lock = False
 
     def _acquire_lock(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id, "started": self.started}
-        for _ in range(3):
-            try:
-                descriptor = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _read_json(self.lock_path)
-                if self._lock_is_held(holder):
-                    raise LockError(
-                        f"another training is running in {self.ckpt_dir} (pid {holder.get('pid') if holder else '?'} "
-                        f"on {holder.get('host') if holder else '?'}, run {holder.get('run_id') if holder else '?'}): "
-                        "wait for it to end or train in another --bundle_root. If no training runs there, delete "
-                        f"{self.lock_path}."
-                    ) from None
-                warnings.warn(
-                    f"taking over the stale lock {self.lock_path} of a training that no longer runs ({holder})."
-                )
-                self.lock_path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(descriptor, "w") as lock_file:
-                json.dump(me, lock_file)
-            self._holds_lock = True
-            atexit.register(self.finish)
-            return
-        raise LockError(f"could not take the lock {self.lock_path}: other processes keep creating it.")
-
-    def _lock_is_held(self, holder: dict[str, Any] | None) -> bool:
-        if holder is None:  # being written right now, or left empty by a kill
-            try:
-                age = time.time() - self.lock_path.stat().st_mtime
-            except FileNotFoundError:
-                return False
-            return age < UNWRITTEN_LOCK_GRACE_S
-        if holder.get("host") != socket.gethostname():
-            return True  # cannot tell whether a process on another machine runs
-        pid = int(holder.get("pid", -1))
-        return pid != os.getpid() and _process_alive(pid)
+        self._lock.acquire()
+        self._holds_lock = True
 
     def _archive_previous(self) -> None:
         files = sorted(self.ckpt_dir.glob(CHECKPOINT_PATTERN))

@@ -25,6 +25,7 @@ __all__ = [
     "ImageHeader",
     "ValueStats",
     "check_datalist",
+    "exif_orientation",
     "has_foreground",
     "read_fully",
     "read_header",
@@ -105,6 +106,21 @@ def read_header(path: str | os.PathLike) -> ImageHeader:
             return ImageHeader(str(path), tuple(image.size), len(image.getbands()), image.mode, dtype)
     except Exception as err:
         raise DataError(f"{path} cannot be read as an image: {type(err).__name__}: {err}") from err
+
+
+def exif_orientation(path: str | os.PathLike) -> int:
+    """The EXIF orientation tag of an image file (1, the default, when it has none or is not a PIL image).
+
+    MONAI's PIL reader loads the stored pixels and ignores the tag, which viewers apply (a phone JPEG stored
+    sideways with orientation 6 shows upright).
+    """
+    if _is_nifti(path):
+        return 1
+    try:
+        with Image.open(path) as image:
+            return int(image.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - unreadable files are reported by read_header
+        return 1
 
 
 def read_fully(path: str | os.PathLike) -> None:
@@ -257,6 +273,7 @@ def check_datalist(
       without ``in_channels``, images whose channel counts differ;
     - a mask whose spatial size differs from its image's (it would be resized to fit, silently wrong);
     - a mask with an alpha channel (the alpha would count as foreground everywhere);
+    - an image whose EXIF orientation differs from its mask's (viewers turn it, MONAI's loader does not);
     - with ``require_label``, an item without ``label_key`` (e.g. ``"mask"`` instead of ``"label"``);
     - a file of a format that none of MONAI's image readers installed here can load (TIFF without ``itk``);
     - with ``intensity_range`` (the fixed ``[low, high]`` scaling to [0, 1], values outside clipped): an image
@@ -328,6 +345,13 @@ def check_datalist(
             )
         if "A" in mask.mode or "a" in mask.mode:
             problems.append(f"mask {mask.path} has an alpha channel (mode {mask.mode}): save it as a grey image.")
+        turned, mask_turned = exif_orientation(image.path), exif_orientation(mask.path)
+        if turned != mask_turned:
+            problems.append(
+                f"{image.path} has EXIF orientation {turned} and its mask {mask.path} has {mask_turned}: viewers "
+                "rotate or mirror the image, MONAI's loader does not, so the pair may not line up. Save both without "
+                "an orientation tag (e.g. PIL.ImageOps.exif_transpose, then save)."
+            )
     problems.extend(_unreadable_formats(items, (image_key, label_key)))
     for attribute, setting, what in (
         ("spatial_shape", spatial_dims, "spatial dimension(s)"),

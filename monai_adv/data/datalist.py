@@ -363,7 +363,8 @@ class MaskToLabels:
       the mask's largest value; {0, 1}, {0, 255} and JPEG masks). A mask with values other than its background and
       foreground, beyond compression noise near either end (more than 1% of its pixels between 10% and 90% of its
       largest value, e.g. {0, 128, 255} or {0, 1, 2}), is still binarised, with a warning that names the file and
-      its values (the first such mask only): those classes merge.
+      its values (the first such mask only): those classes merge. A mask that is foreground in every pixel also
+      warns (once).
     - Several classes (``out_channels`` > 2): the mask must hold class indices ``0 .. out_channels - 1`` in one
       channel (or identical channels); it is returned as they are, never thresholded.
 
@@ -380,6 +381,7 @@ class MaskToLabels:
             raise ValueError(f"out_channels must be an integer >= 1, got {out_channels!r}.")
         self.out_channels = out_channels
         self.warned = False
+        self.warned_full = False
 
     def __call__(self, mask: torch.Tensor) -> torch.Tensor:
         meta = getattr(mask, "meta", None) or {}
@@ -387,7 +389,15 @@ class MaskToLabels:
         if self.out_channels <= 2:
             if not self.warned:
                 self._warn_if_several_classes(mask, name)
-            return binarize_mask(mask)
+            labels = binarize_mask(mask)
+            if not self.warned_full and labels.numel() > 0 and bool(labels.all()):
+                self.warned_full = True
+                warnings.warn(
+                    f"mask {name} is foreground in every pixel (values {_values_text(torch.unique(mask))}): check that "
+                    "masks are not inverted or saved with an opaque alpha or background. (Reported once.)",
+                    stacklevel=2,
+                )
+            return labels
         if mask.shape[0] > 1 and not bool((mask == mask[:1]).all()):
             raise DataError(
                 f"mask {name} has {mask.shape[0]} different channels, but out_channels is {self.out_channels}: "

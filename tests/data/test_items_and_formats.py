@@ -67,3 +67,31 @@ def test_a_broken_symbolic_link_is_named_not_dropped(tmp_path):
     os.symlink(tmp_path / "elsewhere" / "d_mask.png", root / "masks" / "d.png")
     with pytest.raises(DataError, match=r"images/d\.png is a broken symbolic link \(to .*elsewhere/d\.png\)"):
         load_datalist(dataset_dir=root)
+
+
+def test_an_exif_rotated_jpeg_is_refused_even_when_square(tmp_path):
+    root = write_pairs(tmp_path, stems="abc", image=np.full((10, 10, 3), 90, np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: viewers turn it by 90 degrees
+    Image.fromarray(np.full((10, 10, 3), 90, np.uint8)).save(root / "images" / "d.jpg", exif=exif)
+    mask = np.zeros((10, 10), np.uint8)
+    mask[0:3, :] = 255
+    Image.fromarray(mask).save(root / "masks" / "d.png")
+    with pytest.raises(DataError, match=r"images/d\.jpg has EXIF orientation 6 and its mask .*masks/d\.png has 1"):
+        load_datalist(dataset_dir=root)
+
+
+def test_an_all_foreground_mask_warns_once(tmp_path):
+    from monai.transforms import Compose, Lambdad
+
+    from monai_adv.data import CheckedLoadImaged, MaskToLabels
+
+    for stem in "ab":
+        Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / f"{stem}.png")
+    labels = MaskToLabels(out_channels=2)
+    pipeline = Compose([CheckedLoadImaged(keys="label", image_only=True, ensure_channel_first=True),
+                        Lambdad(keys="label", func=labels)])  # fmt: skip
+    items = [{"label": str(tmp_path / f"{stem}.png")} for stem in "ab"]
+    with pytest.warns(UserWarning, match=r"mask .*a\.png is foreground in every pixel \(values \{255\}\)") as record:
+        [pipeline(item) for item in items]
+    assert len([w for w in record if "every pixel" in str(w.message)]) == 1

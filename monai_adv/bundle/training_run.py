@@ -82,7 +82,8 @@ class TrainingRun:
         self, ckpt_dir: str | os.PathLike, resume: bool | str = False, settings: Mapping[str, Any] | None = None
     ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
-        self.settings = {key: _comparable(value) for key, value in (settings or {}).items()}
+        # keys such as "_desc_" are the config's comments
+        self.settings = {k: _comparable(v) for k, v in (settings or {}).items() if not str(k).startswith("_")}
         try:
             self.resume = str2bool(str(resume).strip() if not isinstance(resume, bool) else resume)
         except ValueError as err:  # MONAI's message does not name the setting
@@ -148,7 +149,8 @@ class TrainingRun:
         training recorded no settings)."""
         if not self.resume or self.recorded_settings is None or not self.settings:
             return {}
-        keys = (set(self.recorded_settings) | set(self.settings)) - set(RESUMABLE_SETTINGS)
+        keys = {k for k in set(self.recorded_settings) | set(self.settings) if not str(k).startswith("_")}
+        keys -= set(RESUMABLE_SETTINGS)
         missing = object()
         return {
             key: (self.recorded_settings.get(key), self.settings.get(key))

@@ -166,6 +166,7 @@ def test_resume_with_a_changed_setting_is_refused_at_start_naming_the_keys(bundl
     before = sorted(p.name for p in (root / "models").iterdir())
     recorded = json.loads((root / "models" / "training_run.json").read_text())["settings"]
     assert recorded["adv#epsilon"] == 0.1 and recorded["adv#method"] == "fgsm" and "max_epochs" not in recorded
+    assert "_desc_" not in recorded  # the config's comment is not a setting
     run = bundle.train(root, {"adv#method": "fgsm", "adv#epsilon": 0.05, "learning_rate": 0.01, "resume": "true",
                               "max_epochs": 3}, tracking="mlflow", expect_success=False)  # fmt: skip
     last = run.output.strip().splitlines()[-1]

@@ -17,6 +17,7 @@ __all__ = [
     "MissingFileError",
     "MonaiAdvError",
     "SettingsError",
+    "StorageError",
     "TrackingError",
     "TrainingInterrupted",
     "UnreadableFileError",
@@ -29,6 +30,10 @@ class MonaiAdvError(Exception):
 
 class DataError(MonaiAdvError, ValueError):
     """A data file or datalist cannot be used as it is (names the file)."""
+
+
+class StorageError(MonaiAdvError, OSError):
+    """Files cannot be written where the bundle must write them (read-only or full disk, a file in the way)."""
 
 
 class UnreadableFileError(MonaiAdvError, OSError):

@@ -21,7 +21,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
-from monai_adv.errors import CheckpointError, MissingFileError
+from monai_adv.errors import CheckpointError, MissingFileError, StorageError
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -50,8 +50,20 @@ class KeepPreviousDiskSaver(DiskSaver):
         self.pending_removal: list[str] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        """Write ``checkpoint`` atomically, then remove the file it replaces.
+
+        Raises:
+            StorageError: (an ``OSError``) when the file cannot be written (disk full, read-only), naming it; the
+                previous checkpoint is kept.
+        """
         target = self.filename or filename
-        super().__call__(checkpoint, target, metadata)
+        try:
+            super().__call__(checkpoint, target, metadata)
+        except OSError as err:
+            raise StorageError(
+                f"cannot write checkpoint {self.dirname / target}: {err.strerror or err}. Free disk space or make "
+                f"{self.dirname} writable; the previous checkpoint, if any, is kept."
+            ) from err
         pending, self.pending_removal = self.pending_removal, []
         for old in pending:
             if old != target and (self.dirname / old).exists():

@@ -27,7 +27,7 @@ from monai.utils import str2bool
 
 from monai_adv.bundle.checkpoints import latest_checkpoint
 from monai_adv.bundle.locks import FolderLock
-from monai_adv.errors import SettingsError, TrackingError, TrainingInterrupted
+from monai_adv.errors import MonaiAdvError, SettingsError, StorageError, TrackingError, TrainingInterrupted
 
 __all__ = ["RESUMABLE_SETTINGS", "TrainingRun", "prepare_mlflow_handlers"]
 
@@ -124,10 +124,26 @@ class TrainingRun:
         Raises:
             FileNotFoundError: when resuming and there is no readable checkpoint.
             SettingsError: when resuming with settings that differ from the training's, naming each changed key.
-            RuntimeError: when another training holds the lock of ``ckpt_dir``.
+            LockError: (a ``RuntimeError``) when another training holds the lock of ``ckpt_dir``.
+            StorageError: (an ``OSError``) when ``ckpt_dir`` cannot be written (read-only, full, a file in the way).
         """
         _ = self.checkpoint  # fail before touching anything
         self.check_resumed_settings()
+        try:
+            self._write_start()
+        except OSError as err:
+            if isinstance(err, MonaiAdvError):
+                raise
+            raise StorageError(
+                f"cannot write the training's files in {self.ckpt_dir}: {err.strerror or err} "
+                f"({err.filename or self.ckpt_dir}). Give a --bundle_root that is a writable folder with free space."
+            ) from err
+        self._stop_on_sigterm()
+        logger.info(
+            f"training {self.run_id} in {self.ckpt_dir}" + (f", resuming from {self.checkpoint}" if self.resume else "")
+        )
+
+    def _write_start(self) -> None:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
         if not self.resume:
@@ -139,10 +155,6 @@ class TrainingRun:
         if recorded:
             record["settings"] = {k: v for k, v in recorded.items() if k not in RESUMABLE_SETTINGS}
         (self.ckpt_dir / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        self._stop_on_sigterm()
-        logger.info(
-            f"training {self.run_id} in {self.ckpt_dir}" + (f", resuming from {self.checkpoint}" if self.resume else "")
-        )
 
     def changed_settings(self) -> dict[str, tuple[Any, Any]]:
         """``{key: (recorded, now)}`` for the settings a resumed training changes (none when not resuming, or when the

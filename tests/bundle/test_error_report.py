@@ -80,3 +80,13 @@ def test_unexpected_errors_keep_their_traceback_and_get_no_line(bundle, tmp_path
     assert PREFIX not in run.output, run.describe()
     assert "ZeroDivisionError" in run.output
     assert "RuntimeError: Failed to evaluate ConfigExpression" in run.output
+
+
+@pytest.mark.slow
+def test_a_bundle_root_that_cannot_hold_models_ends_with_one_line(bundle, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "models").write_text("not a folder")  # what a read-only or full disk also gives: no training files
+    run = bundle.train(root, {"adv#method": "none"}, expect_success=False)
+    assert last_line(run).startswith(f"{PREFIX}cannot write the training's files in {root}/models: "), run.describe()
+    assert "Give a --bundle_root that is a writable folder with free space." in last_line(run)

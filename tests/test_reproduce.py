@@ -81,7 +81,7 @@ def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
         root = output / "work" / "runs" / "seed0" / arm
         # the test score is the clean row of this arm's robustness.json on the test split
         measured = json.loads((root / "robustness_test" / "robustness.json").read_text())
-        assert measured["num_images"] == SMOKE_TEST_IMAGES
+        assert measured["num_images"] == 8
         rows = {(r["attack"], r["epsilon"]): r for r in measured["results"]}
         assert test_rows[label][0] == f"{rows['fgsm', 0.0]['mean_iou']:.4f}"
         assert test_rows[label][1] == f"{rows['fgsm', 0.0]['mean_dice']:.4f}"
@@ -98,7 +98,7 @@ def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
         assert val_rows[label][-1] == f"{history[3]:.4f}"
     # one adversarial copy per training item for each offline method, from the UNet arm's checkpoint
     offline = json.loads((output / "work" / "runs" / "seed0" / "offline_data" / "datalist_invfgsm.json").read_text())
-    assert len(offline["training"]) == 2 * SMOKE_TRAIN_IMAGES and offline["checkpoint"].endswith(
+    assert len(offline["training"]) == 32 and offline["checkpoint"].endswith(
         str(Path("seed0", "unet", "models", "model.pt"))
     )
     assert re.search(r"\*\*(held|did not hold|unclear)", page)

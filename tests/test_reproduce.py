@@ -48,6 +48,21 @@ def dataset(tmp_path_factory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", num_images=80, size=48)
 
 
+def test_the_generated_fallback_dataset_fills_the_smoke_profile(tmp_path):
+    """On a plain clone (no Kvasir-SEG) the test above runs on the generated dataset: it must give the smoke profile
+    the same numbers of images as Kvasir-SEG does, which the assertions above count on."""
+    from monai_adv.data.synthetic import make_synthetic_dataset
+    from monai_adv.reproduce import PROFILES, Reproduction
+
+    data = make_synthetic_dataset(tmp_path / "synthetic", num_images=80, size=48)
+    parts = Reproduction(data, PROFILES["smoke"], seeds=[0], work_dir=tmp_path / "work").split()
+    assert (len(parts["train"]), len(parts["validation"]), len(parts["test"])) == (
+        SMOKE_TRAIN_IMAGES,
+        8,
+        SMOKE_TEST_IMAGES,
+    )
+
+
 def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
     output = tmp_path / "out"
     command = [sys.executable, "-m", "monai_adv.reproduce", "--dataset_dir", str(dataset), "--profile", "smoke",
@@ -104,18 +119,3 @@ def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
     assert re.search(r"\*\*(held|did not hold|unclear)", page)
     summary = json.loads((output / "results" / "summary.json").read_text())
     assert f"{summary['arms']['unet']['test_mean_iou']['mean']:.4f}" == test_rows["UNet"][0]
-
-
-def test_the_generated_fallback_dataset_fills_the_smoke_profile(tmp_path):
-    """On a plain clone (no Kvasir-SEG) the test above runs on the generated dataset: it must give the smoke profile
-    the same numbers of images as Kvasir-SEG does, which the assertions above count on."""
-    from monai_adv.data.synthetic import make_synthetic_dataset
-    from monai_adv.reproduce import PROFILES, Reproduction
-
-    data = make_synthetic_dataset(tmp_path / "synthetic", num_images=80, size=48)
-    parts = Reproduction(data, PROFILES["smoke"], seeds=[0], work_dir=tmp_path / "work").split()
-    assert (len(parts["train"]), len(parts["validation"]), len(parts["test"])) == (
-        SMOKE_TRAIN_IMAGES,
-        8,
-        SMOKE_TEST_IMAGES,
-    )

@@ -49,8 +49,8 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def test_the_generated_fallback_dataset_fills_the_smoke_profile(tmp_path):
-    """On a plain clone (no Kvasir-SEG) the test above runs on the generated dataset: it must give the smoke profile
-    the same numbers of images as Kvasir-SEG does, which the assertions above count on."""
+    """On a plain clone (no Kvasir-SEG) the smoke test below runs on the generated dataset: it must give the smoke
+    profile the same numbers of images as Kvasir-SEG does, which its assertions count on."""
     from monai_adv.data.synthetic import make_synthetic_dataset
     from monai_adv.reproduce import PROFILES, Reproduction
 

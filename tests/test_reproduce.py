@@ -30,14 +30,37 @@ def table_rows(page: str, heading: str) -> dict[str, list[str]]:
     return rows
 
 
+# the smoke profile's limits: 16 training, 8 validation and 8 test images
+SMOKE_TEST_IMAGES, SMOKE_TRAIN_IMAGES = 8, 16
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """A small subset is taken by the smoke profile; Kvasir-SEG when present, else a generated dataset."""
+    """A small subset is taken by the smoke profile; Kvasir-SEG when present, else a generated dataset.
+
+    Without a split.json with a test list, the reproduction splits 80/10/10: 80 generated images give the smoke
+    profile its full 8 test and 16 training images, as Kvasir-SEG does.
+    """
     if (KVASIR / "split.json").is_file():
         return KVASIR
     from monai_adv.data.synthetic import make_synthetic_dataset
 
-    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", num_images=40, size=48)
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", num_images=80, size=48)
+
+
+def test_the_generated_fallback_dataset_fills_the_smoke_profile(tmp_path):
+    """On a plain clone (no Kvasir-SEG) the smoke test below runs on the generated dataset: it must give the smoke
+    profile the same numbers of images as Kvasir-SEG does, which its assertions count on."""
+    from monai_adv.data.synthetic import make_synthetic_dataset
+    from monai_adv.reproduce import PROFILES, Reproduction
+
+    data = make_synthetic_dataset(tmp_path / "synthetic", num_images=80, size=48)
+    parts = Reproduction(data, PROFILES["smoke"], seeds=[0], work_dir=tmp_path / "work").split()
+    assert (len(parts["train"]), len(parts["validation"]), len(parts["test"])) == (
+        SMOKE_TRAIN_IMAGES,
+        8,
+        SMOKE_TEST_IMAGES,
+    )
 
 
 def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):

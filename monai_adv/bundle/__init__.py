@@ -9,14 +9,33 @@ Not part of the augmentation library: they keep one bundle root's training state
   two trainings out of one bundle root, and the adversarial parameters handed to MLflow.
 """
 
-from monai_adv.bundle.checkpoints import AtomicCheckpointSaver, KeepPreviousDiskSaver, latest_checkpoint, require_file
-from monai_adv.bundle.settings import spatial_size
+from monai_adv.bundle.checkpoints import (
+    AtomicCheckpointSaver,
+    KeepPreviousDiskSaver,
+    check_checkpoint_fits,
+    latest_checkpoint,
+    require_file,
+)
+from monai_adv.bundle.guards import StopOnNonFiniteLoss
+from monai_adv.bundle.locks import FolderLock
+from monai_adv.bundle.settings import ADV_METHODS, check_settings, intensity_range, intensity_scaling, spatial_size
+from monai_adv.bundle.tracking import TrackingGuard, bound_http_retries, check_tracking_server
 from monai_adv.bundle.training_run import TrainingRun, prepare_mlflow_handlers
 
 __all__ = [
+    "ADV_METHODS",
     "AtomicCheckpointSaver",
+    "FolderLock",
     "KeepPreviousDiskSaver",
+    "StopOnNonFiniteLoss",
+    "TrackingGuard",
     "TrainingRun",
+    "bound_http_retries",
+    "check_checkpoint_fits",
+    "check_settings",
+    "check_tracking_server",
+    "intensity_range",
+    "intensity_scaling",
     "latest_checkpoint",
     "prepare_mlflow_handlers",
     "require_file",

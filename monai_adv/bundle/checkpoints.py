@@ -8,7 +8,9 @@ temporary file, renames it into place, and only then removes the file it replace
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -19,7 +21,15 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
-__all__ = ["AtomicCheckpointSaver", "KeepPreviousDiskSaver", "latest_checkpoint", "require_file"]
+from monai_adv.errors import CheckpointError, MissingFileError, StorageError
+
+__all__ = [
+    "AtomicCheckpointSaver",
+    "KeepPreviousDiskSaver",
+    "check_checkpoint_fits",
+    "latest_checkpoint",
+    "require_file",
+]
 
 
 class KeepPreviousDiskSaver(DiskSaver):
@@ -40,8 +50,20 @@ class KeepPreviousDiskSaver(DiskSaver):
         self.pending_removal: list[str] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        """Write ``checkpoint`` atomically, then remove the file it replaces.
+
+        Raises:
+            StorageError: (an ``OSError``) when the file cannot be written (disk full, read-only), naming it; the
+                previous checkpoint is kept.
+        """
         target = self.filename or filename
-        super().__call__(checkpoint, target, metadata)
+        try:
+            super().__call__(checkpoint, target, metadata)
+        except OSError as err:
+            raise StorageError(
+                f"cannot write checkpoint {self.dirname / target}: {err.strerror or err}. Free disk space or make "
+                f"{self.dirname} writable; the previous checkpoint, if any, is kept."
+            ) from err
         pending, self.pending_removal = self.pending_removal, []
         for old in pending:
             if old != target and (self.dirname / old).exists():
@@ -55,6 +77,9 @@ class KeepPreviousDiskSaver(DiskSaver):
 class AtomicCheckpointSaver:
     """Save checkpoints atomically: either every ``save_interval`` epochs (or iterations), or the best model by
     the engine's key metric. Arguments as in MONAI's ``CheckpointSaver``, of which this does these two jobs.
+
+    The best model is never saved while its key metric or any of its tensors is NaN or infinite (a warning says
+    so, and the previous best model stays).
 
     File names are MONAI's: ``checkpoint_epoch=N.pt`` (``checkpoint_iteration=N.pt``), or ``key_metric_filename``.
     :meth:`state_dict` / :meth:`load_state_dict` hold the best score so far: save them with the trainer's
@@ -95,6 +120,7 @@ class AtomicCheckpointSaver:
                 f"(the best model), got save_interval={save_interval!r}, save_key_metric={save_key_metric!r}."
             )
         self.save_dir = str(save_dir)
+        self.save_dict = dict(save_dict)
         self.save_interval = int(save_interval)
         self.epoch_level = epoch_level
         self.save_key_metric = bool(save_key_metric)
@@ -139,7 +165,34 @@ class AtomicCheckpointSaver:
             event = Events.ITERATION_COMPLETED(every=self.save_interval)
         engine.add_event_handler(event, self)
 
+    def _non_finite(self) -> list[str]:
+        """Names of the saved objects' tensors that hold NaN or infinite values."""
+        found = []
+        for name, obj in self.save_dict.items():
+            state = obj.state_dict() if hasattr(obj, "state_dict") else {}
+            for key, value in state.items() if isinstance(state, Mapping) else []:
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.is_floating_point()
+                    and not bool(torch.isfinite(value).all())
+                ):
+                    found.append(f"{name}.{key}")
+        return found
+
     def __call__(self, engine: Engine) -> None:
+        if self.save_key_metric:
+            score = self._key_metric_score(engine)
+            non_finite = self._non_finite()
+            if not math.isfinite(score) or non_finite:
+                warnings.warn(
+                    f"not saving the best model at epoch {engine.state.epoch}: "
+                    + (f"its key metric is {score}" if not math.isfinite(score) else "")
+                    + (" and " if not math.isfinite(score) and non_finite else "")
+                    + (f"{len(non_finite)} of its tensors are not finite (e.g. {non_finite[0]})" if non_finite else "")
+                    + f"; {self.save_dir} keeps the previous best model, if any.",
+                    stacklevel=2,
+                )
+                return
         saved_before = self.checkpoint.state_dict()
         self.checkpoint(engine)
         if self.save_key_metric:
@@ -188,7 +241,7 @@ def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint_epoc
     """
     found = sorted(Path(folder).glob(pattern), key=lambda p: (_epoch_of(p), p.stat().st_mtime), reverse=True)
     if not found:
-        raise FileNotFoundError(f"no checkpoint matching {pattern!r} in {folder}: nothing to resume from.")
+        raise MissingFileError(f"no checkpoint matching {pattern!r} in {folder}: nothing to resume from.")
     for path in found:
         try:
             torch.load(path, map_location="cpu", weights_only=True)
@@ -198,7 +251,7 @@ def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint_epoc
             )
             continue
         return str(path)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"none of the checkpoints in {folder} can be read ({[p.name for p in found]}): nothing to resume from."
     )
 
@@ -210,5 +263,90 @@ def require_file(path: str | os.PathLike, what: str = "file") -> str:
         FileNotFoundError: when ``path`` is not a file.
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist.")
+        raise MissingFileError(f"{what} {path} does not exist.")
     return str(path)
+
+
+NETWORK_SETTINGS = ("features", "in_channels", "out_channels", "spatial_dims", "image_size")
+
+
+def _convolutions(state: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    return [(k, tuple(v.shape)) for k, v in state.items() if k.endswith("weight") and getattr(v, "ndim", 0) in (4, 5)]
+
+
+def _described(state: Mapping[str, Any]) -> str:
+    """What the weights say about the network: input channels and spatial dims (first convolution), output
+    channels (last one)."""
+    convolutions = _convolutions(state)
+    if not convolutions:
+        return ""
+    (_, first), (_, last) = convolutions[0], convolutions[-1]
+    return f"in_channels {first[1]}, out_channels {last[0]}, spatial_dims {len(first) - 2}, first features {first[0]}"
+
+
+def check_checkpoint_fits(
+    network: torch.nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], key: str = "model"
+) -> None:
+    """Refuse a checkpoint saved from a network of another size, naming the settings to repeat.
+
+    ``load_state_dict`` of a BasicUNet with other ``features`` (or channels, or spatial dims) fails with a size
+    mismatch for every layer, hundreds of lines that do not say which command-line setting differs. This compares
+    names and shapes first and raises one error that names the differing tensors, what the checkpoint's weights say
+    (input/output channels, spatial dims, first features), the settings recorded in ``training_run.json`` next to
+    it (when there is one), and the overrides to repeat: ``--features``, ``--in_channels``, ``--out_channels``,
+    ``--spatial_dims`` (and ``--image_size`` for the inputs).
+
+    Args:
+        network: the network the weights are for (a ``DistributedDataParallel`` wrapper is looked through).
+        checkpoint: a checkpoint file (``model.pt``, or a training checkpoint holding ``key``) or a state dict.
+        key: the entry of a training checkpoint that holds the network's weights.
+
+    Raises:
+        MissingFileError: (a ``FileNotFoundError``) when the file does not exist.
+        CheckpointError: (a ``ValueError``) when tensors are missing, unexpected or of another shape.
+    """
+    source = "the checkpoint"
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = str(checkpoint)
+        require_file(checkpoint, "checkpoint")
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    else:
+        state = checkpoint
+    if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+        state = state[key]
+    module = getattr(network, "module", network)
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    different = [
+        f"{k}: checkpoint {tuple(state[k].shape)}, network {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or different):
+        return
+    found = []
+    if different:
+        found.append(f"{len(different)} tensor(s) of another shape (e.g. {different[0]})")
+    if missing:
+        found.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        found.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    weights, network_has = _described(state), _described(expected)
+    recorded = ""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        record_path = Path(checkpoint).parent / "training_run.json"
+        try:
+            settings = json.loads(record_path.read_text()).get("settings") or {}
+        except (OSError, ValueError):
+            settings = {}
+        shown = [f"--{k} {json.dumps(settings[k])}" for k in NETWORK_SETTINGS if k in settings]
+        if shown:
+            recorded = f" Its training ({record_path}) used {' '.join(shown)}."
+    raise CheckpointError(
+        f"{source} was saved from a network of another size: {', '.join(found)}."
+        + (f" Its weights have {weights}; this network has {network_has}." if weights and network_has else "")
+        + recorded
+        + " Repeat the training's --features, --in_channels, --out_channels and --spatial_dims (and --image_size) "
+        "when evaluating, inferring or attacking it."
+    )

@@ -9,12 +9,12 @@ while one runs; the lock of a process that no longer runs is taken over with a w
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
 import shutil
-import socket
+import signal
+import threading
 import time
 import uuid
 import warnings
@@ -26,18 +26,32 @@ from typing import Any
 from monai.utils import str2bool
 
 from monai_adv.bundle.checkpoints import latest_checkpoint
+from monai_adv.bundle.locks import FolderLock
+from monai_adv.errors import MonaiAdvError, SettingsError, StorageError, TrackingError, TrainingInterrupted
 
-__all__ = ["TrainingRun", "prepare_mlflow_handlers"]
+__all__ = ["RESUMABLE_SETTINGS", "TrainingRun", "prepare_mlflow_handlers"]
 
 RECORD_NAME = "training_run.json"
 LOCK_NAME = "training.lock"
 ARCHIVE_DIR = "previous_runs"
 CHECKPOINT_PATTERN = "checkpoint_epoch=*.pt"
 BEST_MODEL_NAME = "model.pt"
-# a lock file still empty this long after it was created belongs to a process killed while writing it
-UNWRITTEN_LOCK_GRACE_S = 30.0
+
+# settings a resumed training may change: they do not change what is trained, only for how long and how fast
+RESUMABLE_SETTINGS = ("max_epochs", "val_interval", "num_workers", "adv#track_loss", "resume")
 
 logger = logging.getLogger(__name__)
+# the trainers' MLflow handlers of this process (prepare_mlflow_handlers), closed as KILLED on SIGTERM
+_TRACKED_HANDLERS: list[Any] = []
+
+
+def _comparable(value: Any) -> Any:
+    """A setting as JSON would record it, with MONAI's true/false words as booleans (``"false"`` equals False)."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+        return str2bool(value.strip())
+    if isinstance(value, str) and value.strip().lower() in ("null", "none"):
+        return None
+    return json.loads(json.dumps(value, default=str))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -48,34 +62,34 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return content if isinstance(content, dict) else None
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 class TrainingRun:
     """The identity and resume point of a training in ``ckpt_dir``; a checkpointable object.
+
+    With ``settings``, a fresh training records them in ``training_run.json``, and a resumed one compares its own
+    with them at :meth:`start` and refuses any change (naming each changed key) except of :data:`RESUMABLE_SETTINGS`:
+    a resumed training continues the same run, whose MLflow parameters cannot change.
 
     Args:
         ckpt_dir: the bundle's checkpoint folder (``models/``).
         resume: continue the latest training of this folder (``--resume true`` arrives as a string).
+        settings: the settings that define the training, keyed as on the command line (the bundle's ``settings``).
 
     Raises:
-        ValueError: when ``resume`` is not a boolean or one of MONAI's true/false words.
+        SettingsError: (a ``ValueError``) when ``resume`` is not a boolean or one of MONAI's true/false words.
     """
 
-    def __init__(self, ckpt_dir: str | os.PathLike, resume: bool | str = False) -> None:
+    def __init__(
+        self, ckpt_dir: str | os.PathLike, resume: bool | str = False, settings: Mapping[str, Any] | None = None
+    ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
+        # keys such as "_desc_" are the config's comments
+        self.settings = {k: _comparable(v) for k, v in (settings or {}).items() if not str(k).startswith("_")}
         try:
             self.resume = str2bool(str(resume).strip() if not isinstance(resume, bool) else resume)
         except ValueError as err:  # MONAI's message does not name the setting
-            raise ValueError(f"resume must be true or false, got {resume!r}.") from err
+            raise SettingsError(f"resume must be true or false, got {resume!r}.") from err
         record = _read_json(self.ckpt_dir / RECORD_NAME) if self.resume else None
+        self.recorded_settings = record.get("settings") if record and isinstance(record.get("settings"), dict) else None
         if record and record.get("run_id"):
             self.run_id = str(record["run_id"])
             self.started = str(record.get("started", ""))
@@ -83,7 +97,12 @@ class TrainingRun:
             self.run_id = f"run_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
             self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.lock_path = self.ckpt_dir / LOCK_NAME
+        self._lock = FolderLock(
+            self.ckpt_dir, LOCK_NAME, "training", "train in another --bundle_root",
+            {"run_id": self.run_id, "started": self.started},
+        )  # fmt: skip
         self._holds_lock = False
+        self._previous_sigterm: Any = None
 
     @property
     def run_name(self) -> str:
@@ -104,9 +123,27 @@ class TrainingRun:
 
         Raises:
             FileNotFoundError: when resuming and there is no readable checkpoint.
-            RuntimeError: when another training holds the lock of ``ckpt_dir``.
+            SettingsError: when resuming with settings that differ from the training's, naming each changed key.
+            LockError: (a ``RuntimeError``) when another training holds the lock of ``ckpt_dir``.
+            StorageError: (an ``OSError``) when ``ckpt_dir`` cannot be written (read-only, full, a file in the way).
         """
         _ = self.checkpoint  # fail before touching anything
+        self.check_resumed_settings()
+        try:
+            self._write_start()
+        except OSError as err:
+            if isinstance(err, MonaiAdvError):
+                raise
+            raise StorageError(
+                f"cannot write the training's files in {self.ckpt_dir}: {err.strerror or err} "
+                f"({err.filename or self.ckpt_dir}). Give a --bundle_root that is a writable folder with free space."
+            ) from err
+        self._stop_on_sigterm()
+        logger.info(
+            f"training {self.run_id} in {self.ckpt_dir}" + (f", resuming from {self.checkpoint}" if self.resume else "")
+        )
+
+    def _write_start(self) -> None:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
         if not self.resume:
@@ -114,57 +151,86 @@ class TrainingRun:
         record = {"run_id": self.run_id, "started": self.started, "resumed": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if not self.resume:
             record.pop("resumed")
+        recorded = self.recorded_settings if self.resume and self.recorded_settings is not None else self.settings
+        if recorded:
+            record["settings"] = {k: v for k, v in recorded.items() if k not in RESUMABLE_SETTINGS}
         (self.ckpt_dir / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        logger.info(
-            f"training {self.run_id} in {self.ckpt_dir}" + (f", resuming from {self.checkpoint}" if self.resume else "")
+
+    def changed_settings(self) -> dict[str, tuple[Any, Any]]:
+        """``{key: (recorded, now)}`` for the settings a resumed training changes (none when not resuming, or when the
+        training recorded no settings)."""
+        if not self.resume or self.recorded_settings is None or not self.settings:
+            return {}
+        keys = {k for k in set(self.recorded_settings) | set(self.settings) if not str(k).startswith("_")}
+        keys -= set(RESUMABLE_SETTINGS)
+        missing = object()
+        return {
+            key: (self.recorded_settings.get(key), self.settings.get(key))
+            for key in sorted(keys)
+            if self.recorded_settings.get(key, missing) != self.settings.get(key, missing)
+        }
+
+    def check_resumed_settings(self) -> None:
+        """Refuse to resume with other settings than those the training was started with.
+
+        Raises:
+            SettingsError: naming each changed key with its recorded and new value, and how to start a new training.
+        """
+        changed = self.changed_settings()
+        if not changed:
+            return
+        listing = ", ".join(f"--{key} {json.dumps(old)} -> {json.dumps(new)}" for key, (old, new) in changed.items())
+        raise SettingsError(
+            f"--resume true would continue training {self.run_id} with other settings than it was started with "
+            f"({self.ckpt_dir / RECORD_NAME}): {listing}. Resume it with its own settings (only "
+            f"{', '.join('--' + k for k in RESUMABLE_SETTINGS if k != 'resume')} may change), or start a new training "
+            "with these settings by leaving out --resume true (the current one is then moved to "
+            f"{self.ckpt_dir / ARCHIVE_DIR}/{self.run_id}/)."
+        )
+
+    def _stop_on_sigterm(self) -> None:
+        """From now on SIGTERM (a scheduler, ``docker stop``) stops the training cleanly (see :meth:`terminate`)."""
+        if threading.current_thread() is threading.main_thread() and self._previous_sigterm is None:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self.terminate)
+
+    def terminate(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
+        """The SIGTERM handler: abandon the iteration in progress, close the MLflow runs as KILLED, and raise.
+
+        The exception ends the trainer like any error: the checkpoints already written stay (each is complete, see
+        :class:`~monai_adv.bundle.AtomicCheckpointSaver`), and the lock is released at exit. A second SIGTERM gets
+        the handler that was there before.
+
+        Raises:
+            TrainingInterrupted: naming the training, the signal and the last complete checkpoint.
+        """
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+        for handler in _TRACKED_HANDLERS:
+            run = getattr(handler, "cur_run", None)
+            if run is not None:
+                handler.client.set_terminated(run.info.run_id, "KILLED")
+                handler.cur_run = None  # MONAI's close() must not mark it FINISHED
+        found = sorted(self.ckpt_dir.glob(CHECKPOINT_PATTERN), key=lambda p: p.stat().st_mtime)
+        last = f"{found[-1]} is the last complete checkpoint" if found else "no checkpoint had been written yet"
+        raise TrainingInterrupted(
+            f"training {self.run_id} stopped by {signal.Signals(signum).name}: the iteration in progress was "
+            f"abandoned, {last}, and the lock is released. Continue it with --resume true."
         )
 
     def finish(self) -> None:
-        """Release the lock (also done at exit)."""
+        """Release the lock (also done at exit) and give SIGTERM back its previous handler."""
+        if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
         if not self._holds_lock:
             return
-        holder = _read_json(self.lock_path)
-        if holder and holder.get("pid") == os.getpid() and holder.get("run_id") == self.run_id:
-            self.lock_path.unlink(missing_ok=True)
+        self._lock.release()
         self._holds_lock = False
 
     def _acquire_lock(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id, "started": self.started}
-        for _ in range(3):
-            try:
-                descriptor = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _read_json(self.lock_path)
-                if self._lock_is_held(holder):
-                    raise RuntimeError(
-                        f"another training is running in {self.ckpt_dir} (pid {holder.get('pid') if holder else '?'} "
-                        f"on {holder.get('host') if holder else '?'}, run {holder.get('run_id') if holder else '?'}): "
-                        "wait for it to end or train in another --bundle_root. If no training runs there, delete "
-                        f"{self.lock_path}."
-                    ) from None
-                warnings.warn(
-                    f"taking over the stale lock {self.lock_path} of a training that no longer runs ({holder})."
-                )
-                self.lock_path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(descriptor, "w") as lock_file:
-                json.dump(me, lock_file)
-            self._holds_lock = True
-            atexit.register(self.finish)
-            return
-        raise RuntimeError(f"could not take the lock {self.lock_path}: other processes keep creating it.")
-
-    def _lock_is_held(self, holder: dict[str, Any] | None) -> bool:
-        if holder is None:  # being written right now, or left empty by a kill
-            try:
-                age = time.time() - self.lock_path.stat().st_mtime
-            except FileNotFoundError:
-                return False
-            return age < UNWRITTEN_LOCK_GRACE_S
-        if holder.get("host") != socket.gethostname():
-            return True  # cannot tell whether a process on another machine runs
-        pid = int(holder.get("pid", -1))
-        return pid != os.getpid() and _process_alive(pid)
+        self._lock.acquire()
+        self._holds_lock = True
 
     def _archive_previous(self) -> None:
         files = sorted(self.ckpt_dir.glob(CHECKPOINT_PATTERN))
@@ -194,26 +260,74 @@ class TrainingRun:
             warnings.warn(f"checkpoint of training {run_id} resumed as training {self.run_id} (see {RECORD_NAME}).")
 
 
-def prepare_mlflow_handlers(
-    handlers: Iterable[Any], params: Mapping[str, Any] | None = None, resume: bool = False
-) -> list[Any]:
-    """Give ``params`` to MONAI's MLFlowHandlers in ``handlers`` and, when resuming, reopen their finished run.
+def _refuse_deleted_experiment(handler: Any, uri: str) -> None:
+    """MLflow refuses to log into a soft-deleted experiment ("Cannot set a deleted experiment"), after startup."""
+    name = getattr(handler, "experiment_name", None)
+    experiment = handler.client.get_experiment_by_name(name) if name else None
+    if experiment is None or str(experiment.lifecycle_stage).lower() == "active":
+        return
+    raise TrackingError(
+        f"the MLflow experiment {name!r} at {uri} is deleted (id {experiment.experiment_id}, in MLflow's trash): "
+        f"restore it with `MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id "
+        f"{experiment.experiment_id}`, remove it for good with `mlflow gc --backend-store-uri {uri}`, or log to "
+        "another experiment with --experiment_name NAME."
+    )
 
-    ``--tracking mlflow`` appends an ``MLFlowHandler`` to ``train#handlers``; it logs ``experiment_param`` when
-    its run starts. MONAI's handler never writes into a FINISHED run: when resuming a training that had
-    completed, the run of that name is set back to RUNNING, so the resumed epochs join it.
+
+def prepare_mlflow_handlers(
+    handlers: Iterable[Any],
+    params: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    validation_handlers: Iterable[Any] | None = None,
+    check_timeout: float = 5.0,
+) -> list[Any]:
+    """Make MONAI's MLFlowHandlers safe for a long training, give them ``params``, and reopen a resumed run.
+
+    ``--tracking mlflow`` appends an ``MLFlowHandler`` to ``train#handlers`` and ``validate#handlers``. For each:
+
+    - MLflow's HTTP retries and timeouts are bounded (:func:`~monai_adv.bundle.tracking.bound_http_retries`, only
+      the variables the user has not set), and an HTTP tracking server that does not answer within
+      ``check_timeout`` seconds is refused now, in one line, instead of stalling the trainer's start;
+    - its client is wrapped in a :class:`~monai_adv.bundle.tracking.TrackingGuard`: a logging call that fails
+      (the server died mid-run) is a warning, training and checkpoints go on, and a summary of what was not logged
+      comes at the end;
+    - a soft-deleted experiment of the same name is refused now, with how to restore it or use another name;
+    - the trainer's handlers log ``params`` (their ``experiment_param``) when their run starts;
+    - MONAI's handler never writes into a FINISHED run: when resuming a training that had completed, the run of
+      that name is set back to RUNNING, so the resumed epochs join it.
 
     Args:
         handlers: the trainer's handlers (others than MLFlowHandler are ignored).
         params: flat parameters to log, e.g. ``AdversarialAugmentationHandler.params``.
         resume: whether this training resumes an earlier one.
+        validation_handlers: the validator's handlers (guarded and checked, not given ``params``).
+        check_timeout: seconds to wait for an HTTP tracking server to answer.
 
     Returns:
-        The MLFlowHandlers found.
+        The trainer's MLFlowHandlers found.
+
+    Raises:
+        TrackingError: (a ``RuntimeError``) when an HTTP tracking server does not answer, or the experiment is
+            soft-deleted (saying how to restore or rename it).
     """
     from monai.handlers import MLFlowHandler
 
+    from monai_adv.bundle.tracking import TrackingGuard, bound_http_retries, check_tracking_server
+
     found = [h for h in handlers if isinstance(h, MLFlowHandler)]
+    every = found + [h for h in (validation_handlers or []) if isinstance(h, MLFlowHandler)]
+    if every:
+        bound_http_retries()
+    checked: set[str] = set()
+    for handler in every:
+        uri = str(getattr(handler.client, "tracking_uri", ""))
+        if uri not in checked:
+            check_tracking_server(uri, timeout=check_timeout)
+            checked.add(uri)
+        if not isinstance(handler.client, TrackingGuard):
+            handler.client = TrackingGuard(handler.client)
+        _refuse_deleted_experiment(handler, uri)
+    _TRACKED_HANDLERS.extend(h for h in found if h not in _TRACKED_HANDLERS)
     for handler in found:
         if params:
             handler.experiment_param = {**(handler.experiment_param or {}), **{k: str(v) for k, v in params.items()}}

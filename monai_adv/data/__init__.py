@@ -1,8 +1,19 @@
 """Data for the bundle: checked datalists from folders or JSON, a file-naming loader, and the generated default dataset."""
 
-from monai_adv.data.checks import ImageHeader, check_datalist, has_foreground, read_fully, read_header
+from monai_adv.data.checks import (
+    MAX_CLIPPED_FRACTION,
+    ImageHeader,
+    ValueStats,
+    check_datalist,
+    exif_orientation,
+    has_foreground,
+    read_fully,
+    read_header,
+    read_values,
+)
 from monai_adv.data.datalist import (
     IMAGE_SUFFIXES,
+    MaskToLabels,
     binarize_mask,
     datalist_from_folders,
     image_datalist,
@@ -14,19 +25,24 @@ from monai_adv.data.synthetic import ensure_synthetic_dataset, make_synthetic_da
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MAX_CLIPPED_FRACTION",
     "CheckedLoadImageD",
     "CheckedLoadImageDict",
     "CheckedLoadImaged",
     "ImageHeader",
+    "MaskToLabels",
+    "ValueStats",
     "binarize_mask",
     "check_datalist",
     "datalist_from_folders",
     "ensure_synthetic_dataset",
+    "exif_orientation",
     "has_foreground",
     "image_datalist",
     "load_datalist",
     "make_synthetic_dataset",
     "read_fully",
     "read_header",
+    "read_values",
     "split_datalist",
 ]

@@ -15,9 +15,11 @@ from monai.data import load_decathlon_datalist, partition_dataset
 
 from monai_adv.data.checks import check_datalist, read_fully, read_header
 from monai_adv.data.synthetic import ensure_synthetic_dataset
+from monai_adv.errors import DataError, MissingFileError
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MaskToLabels",
     "binarize_mask",
     "datalist_from_folders",
     "image_datalist",
@@ -40,10 +42,12 @@ def _files_by_stem(folder: Path) -> dict[str, str]:
     files: dict[str, str] = {}
     for path in sorted(folder.iterdir()):
         stem = _stem(path)
+        if stem is not None and path.is_symlink() and not path.exists():
+            raise DataError(f"{path} is a broken symbolic link (to {os.readlink(path)}): fix or remove it.")
         if stem is None or not path.is_file():
             continue
         if stem in files:
-            raise ValueError(f"{folder} has two files for {stem!r}: {Path(files[stem]).name} and {path.name}.")
+            raise DataError(f"{folder} has two files for {stem!r}: {Path(files[stem]).name} and {path.name}.")
         files[stem] = str(path)
     return files
 
@@ -63,16 +67,16 @@ def datalist_from_folders(dataset_dir: str | os.PathLike) -> list[dict[str, str]
     root = Path(dataset_dir)
     for folder in (root, root / "images", root / "masks"):
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{folder} is not a folder: dataset_dir must hold images/ and masks/ with files paired by name."
             )
     images, masks = _files_by_stem(root / "images"), _files_by_stem(root / "masks")
     if not images:
-        raise ValueError(f"{root / 'images'} holds no images with suffixes {IMAGE_SUFFIXES}.")
+        raise DataError(f"{root / 'images'} holds no images with suffixes {IMAGE_SUFFIXES}.")
     unpaired_images = sorted(set(images) - set(masks))
     unpaired_masks = sorted(set(masks) - set(images))
     if unpaired_images or unpaired_masks:
-        raise ValueError(
+        raise DataError(
             f"in {root}: images without a mask: {unpaired_images[:5]}{'...' if len(unpaired_images) > 5 else ''}; "
             f"masks without an image: {unpaired_masks[:5]}{'...' if len(unpaired_masks) > 5 else ''}."
         )
@@ -101,10 +105,10 @@ def image_datalist(
     """
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"input_dir {root} is not a folder.")
+        raise MissingFileError(f"input_dir {root} is not a folder.")
     files = _files_by_stem(root)
     if not files:
-        raise ValueError(f"{root} holds no images with suffixes {IMAGE_SUFFIXES}.")
+        raise DataError(f"{root} holds no images with suffixes {IMAGE_SUFFIXES}.")
     kept, skipped = [], []
     for stem in sorted(files):
         path = files[stem]
@@ -124,7 +128,7 @@ def image_datalist(
             kept.append({"image": path})
     listing = "\n  ".join(skipped)
     if not kept:
-        raise ValueError(f"none of the {len(files)} images in {root} can be used:\n  {listing}")
+        raise DataError(f"none of the {len(files)} images in {root} can be used:\n  {listing}")
     if skipped:
         warnings.warn(f"skipping {len(skipped)} of {len(files)} images in {root}:\n  {listing}", stacklevel=2)
     return kept
@@ -142,9 +146,9 @@ def split_datalist(
         ValueError: when ``val_fraction`` is not in (0, 1) or there are fewer than 2 items.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}.")
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction!r}.")
     if len(items) < 2:
-        raise ValueError(f"need at least 2 items to split into training and validation, got {len(items)}.")
+        raise DataError(f"need at least 2 items to split into training and validation, got {len(items)}.")
     num_val = min(len(items) - 1, max(1, round(val_fraction * len(items))))
     train_indices, val_indices = partition_dataset(
         list(range(len(items))), ratios=[len(items) - num_val, num_val], shuffle=True, seed=seed
@@ -156,7 +160,7 @@ def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(
+        raise DataError(
             f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}."
         ) from err
 
@@ -170,7 +174,7 @@ def _split_by_file(
 ) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]] | None]:
     split = _read_json(split_file, "split file")
     if not isinstance(split, dict):
-        raise ValueError(f"{split_file} must hold a JSON object with 'train' and 'validation' lists of ids.")  # noqa: TRY004 (bad file content)
+        raise DataError(f"{split_file} must hold a JSON object with 'train' and 'validation' lists of ids.")
     by_id = {item["id"]: item for item in items}
     ids: dict[str, list[str]] = {}
     for names in (("train", "training"), ("validation", "val"), ("test",)):
@@ -178,25 +182,25 @@ def _split_by_file(
         if key is None:
             if names[0] == "test":
                 continue
-            raise ValueError(f"{split_file} has no {' or '.join(repr(n) for n in names)} list of ids.")
+            raise DataError(f"{split_file} has no {' or '.join(repr(n) for n in names)} list of ids.")
         listed = split[key]
         if not isinstance(listed, list) or not all(isinstance(i, str) for i in listed):
-            raise ValueError(f"{split_file}: {key!r} must be a list of id strings, got {str(listed)[:100]}.")
+            raise DataError(f"{split_file}: {key!r} must be a list of id strings, got {str(listed)[:100]}.")
         if not listed and names[0] != "test":
-            raise ValueError(f"{split_file}: the {key!r} list is empty.")
+            raise DataError(f"{split_file}: the {key!r} list is empty.")
         unknown = [i for i in listed if i not in by_id]
         if unknown:
-            raise ValueError(f"{split_file} lists ids with no image/mask pair under {key!r}: {unknown[:5]}.")
+            raise DataError(f"{split_file} lists ids with no image/mask pair under {key!r}: {unknown[:5]}.")
         repeated = _duplicates(listed)
         if repeated:
-            raise ValueError(f"{split_file} lists ids more than once under {key!r}: {repeated[:5]}.")
+            raise DataError(f"{split_file} lists ids more than once under {key!r}: {repeated[:5]}.")
         ids[key] = listed
     keys = list(ids)
     for i, first in enumerate(keys):
         for second in keys[i + 1 :]:
             shared = sorted(set(ids[first]) & set(ids[second]))
             if shared:
-                raise ValueError(
+                raise DataError(
                     f"{split_file} lists {len(shared)} id(s) under both {first!r} and {second!r}: {shared[:5]}."
                 )
     parts = [[by_id[i] for i in ids[key]] for key in keys]
@@ -209,12 +213,12 @@ def _check_disjoint(parts: dict[str, list[dict[str, Any]]], source: Path) -> Non
     for name in names:
         repeated = _duplicates([str(item.get("image")) for item in parts[name]])
         if repeated:
-            raise ValueError(f"{source} lists images more than once under {name!r}: {repeated[:5]}.")
+            raise DataError(f"{source} lists images more than once under {name!r}: {repeated[:5]}.")
     for i, first in enumerate(names):
         for second in names[i + 1 :]:
             shared = sorted({str(x.get("image")) for x in parts[first]} & {str(x.get("image")) for x in parts[second]})
             if shared:
-                raise ValueError(f"{source} lists image(s) under both {first!r} and {second!r}: {shared[:5]}.")
+                raise DataError(f"{source} lists image(s) under both {first!r} and {second!r}: {shared[:5]}.")
 
 
 def load_datalist(
@@ -230,6 +234,7 @@ def load_datalist(
     spatial_dims: int | None = None,
     in_channels: int | None = None,
     check_files: bool = True,
+    intensity_range: Sequence[float] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """The training and validation (and test) items of the bundle, from the first source given, checked.
 
@@ -254,6 +259,9 @@ def load_datalist(
         spatial_dims: the network's spatial dimensions, checked against the images when given.
         in_channels: the network's input channels, checked against the images when given.
         check_files: check the files up front (a few hundred header reads per second of cost).
+        intensity_range: ``(low, high)`` of the bundle's fixed intensity scaling, or None for per-image scaling;
+            when given, images that it would clip (a 16-bit PNG with ``[0, 255]``) or that hold NaN/Inf values
+            are refused (see :func:`~monai_adv.data.check_datalist`).
 
     Returns:
         ``{"training": [...], "validation": [...]}``, plus ``"test": [...]`` when the split file or
@@ -266,15 +274,15 @@ def load_datalist(
     """
     for name, value in (("max_train", max_train), ("max_val", max_val)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}.")
+            raise DataError(f"{name} must be None or an integer >= 1, got {value!r}.")
     test: list[dict[str, Any]] | None = None
     if datalist_file is not None:
         path = Path(datalist_file)
         if not path.is_file():
-            raise FileNotFoundError(f"datalist_file {path} does not exist.")
+            raise MissingFileError(f"datalist_file {path} does not exist.")
         content = _read_json(path, "datalist_file")
         if not isinstance(content, dict) or "training" not in content:
-            raise ValueError(f"datalist_file {path} must hold a JSON object with a 'training' list.")
+            raise DataError(f"datalist_file {path} must hold a JSON object with a 'training' list.")
         training = load_decathlon_datalist(path, data_list_key="training")
         if "validation" in content:
             validation = load_decathlon_datalist(path, data_list_key="validation")
@@ -288,7 +296,7 @@ def load_datalist(
         items = datalist_from_folders(dataset_dir)
         split_path = Path(split_file) if split_file is not None else Path(dataset_dir) / "split.json"
         if split_file is not None and not split_path.is_file():
-            raise FileNotFoundError(f"split_file {split_path} does not exist.")
+            raise MissingFileError(f"split_file {split_path} does not exist.")
         if split_path.is_file():
             training, validation, test = _split_by_file(items, split_path)
             source = split_path
@@ -299,20 +307,32 @@ def load_datalist(
         source = ensure_synthetic_dataset(synthetic_dir, **(synthetic_options or {}))
         training, validation = split_datalist(datalist_from_folders(source), val_fraction, seed)
     else:
-        raise ValueError("no data: give dataset_dir, datalist_file or synthetic_dir.")
+        raise DataError("no data: give dataset_dir, datalist_file or synthetic_dir.")
     for name, part in (("training", training), ("validation", validation)):
         if not part:  # an empty validation list would train to the end without ever saving model.pt
-            raise ValueError(f"the {name} list from {source} is empty.")
+            raise DataError(f"the {name} list from {source} is empty.")
     data = {"training": training[:max_train], "validation": validation[:max_val]}
     if test is not None:
         data["test"] = test
     if check_files:
+        unlabelled = [
+            f"{part} item {index} ({item.get('image')}): keys {sorted(item)}"
+            for part in ("training", "validation")
+            for index, item in enumerate(data[part])
+            if "label" not in item
+        ]
+        if unlabelled:
+            raise DataError(
+                f"{len(unlabelled)} training/validation item(s) of {source} have no 'label' key (name each mask "
+                f"'label', e.g. not 'mask'):\n  " + "\n  ".join(unlabelled[:10])
+            )
         check_datalist(
             [item for part in data.values() for item in part],
             spatial_dims=spatial_dims,
             in_channels=in_channels,
             foreground_items=data["training"],
             name=str(source),
+            intensity_range=intensity_range,
         )
     return data
 
@@ -328,3 +348,91 @@ def binarize_mask(mask: torch.Tensor) -> torch.Tensor:
     strongest = mask.amax(dim=0, keepdim=True)
     peak = strongest.max()
     return (strongest > 0.5 * peak).to(torch.float32) if peak > 0 else torch.zeros_like(strongest, dtype=torch.float32)
+
+
+def _values_text(values: torch.Tensor, limit: int = 8) -> str:
+    shown = [f"{float(v):g}" for v in values[:limit]]
+    more = f", ... ({len(values)} values, up to {float(values[-1]):g})" if len(values) > limit else ""
+    return "{" + ", ".join(shown) + more + "}"
+
+
+class MaskToLabels:
+    """The label map the bundle trains on, from a loaded mask ``(C, *spatial)``, for ``out_channels`` outputs.
+
+    - Binary setting (``out_channels`` 1 or 2): :func:`binarize_mask` (foreground where any channel is above half
+      the mask's largest value; {0, 1}, {0, 255} and JPEG masks). A mask with values other than its background and
+      foreground, beyond compression noise near either end (more than 1% of its pixels between 10% and 90% of its
+      largest value, e.g. {0, 128, 255} or {0, 1, 2}), is still binarised, with a warning that names the file and
+      its values (the first such mask only): those classes merge. A mask that is foreground in every pixel also
+      warns (once).
+    - Several classes (``out_channels`` > 2): the mask must hold class indices ``0 .. out_channels - 1`` in one
+      channel (or identical channels); it is returned as they are, never thresholded.
+
+    Args:
+        out_channels: the network's output channels (the bundle's ``out_channels``).
+
+    Raises:
+        DataError: (a ``ValueError``) with ``out_channels`` > 2, for a mask whose values are not class indices below
+            ``out_channels`` or whose channels differ, naming the file and its values.
+    """
+
+    def __init__(self, out_channels: int = 2) -> None:
+        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f"out_channels must be an integer >= 1, got {out_channels!r}.")
+        self.out_channels = out_channels
+        self.warned = False
+        self.warned_full = False
+
+    def __call__(self, mask: torch.Tensor) -> torch.Tensor:
+        meta = getattr(mask, "meta", None) or {}
+        name = meta.get("filename_or_obj", "a mask")
+        if self.out_channels <= 2:
+            if not self.warned:
+                self._warn_if_several_classes(mask, name)
+            labels = binarize_mask(mask)
+            if not self.warned_full and labels.numel() > 0 and bool(labels.all()):
+                self.warned_full = True
+                warnings.warn(
+                    f"mask {name} is foreground in every pixel (values {_values_text(torch.unique(mask))}): check that "
+                    "masks are not inverted or saved with an opaque alpha or background. (Reported once.)",
+                    stacklevel=2,
+                )
+            return labels
+        if mask.shape[0] > 1 and not bool((mask == mask[:1]).all()):
+            raise DataError(
+                f"mask {name} has {mask.shape[0]} different channels, but out_channels is {self.out_channels}: "
+                "save class indices (0, 1, 2, ...) as a one-channel image."
+            )
+        labels = mask[:1]
+        values = torch.unique(labels.as_tensor() if hasattr(labels, "as_tensor") else labels)
+        if (
+            bool((values != values.round()).any())
+            or bool((values < 0).any())
+            or float(values.max()) >= self.out_channels
+        ):
+            raise DataError(
+                f"mask {name} has values {_values_text(values)}, but with out_channels {self.out_channels} a mask "
+                f"must hold class indices 0..{self.out_channels - 1}. Relabel it (a {{0, 255}} mask is binary: "
+                "--out_channels 2)."
+            )
+        return labels.to(torch.float32)
+
+    def _warn_if_several_classes(self, mask: torch.Tensor, name: str) -> None:
+        strongest = mask.amax(dim=0)
+        peak = float(strongest.max())
+        if peak <= 0:
+            return
+        values = torch.unique(strongest.as_tensor() if hasattr(strongest, "as_tensor") else strongest)
+        if len(values) <= 2:
+            return
+        between = ((strongest > 0.1 * peak) & (strongest < 0.9 * peak)).float().mean()
+        if float(between) <= 0.01:
+            return  # compression noise near background and foreground (JPEG masks)
+        self.warned = True
+        warnings.warn(
+            f"mask {name} has more than two values {_values_text(values)} ({float(between):.0%} of its pixels between "
+            f"background and foreground), but out_channels is {self.out_channels}: it is binarised at half its "
+            f"largest value ({peak / 2:g}), so its classes merge. For several classes give --out_channels with one "
+            "more than the largest class index. (Reported for the first such mask only.)",
+            stacklevel=2,
+        )

@@ -16,6 +16,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from monai_adv.errors import DataError
+
 __all__ = ["ensure_synthetic_dataset", "make_synthetic_dataset"]
 
 _MANIFEST = "manifest.json"
@@ -91,11 +93,11 @@ def make_synthetic_dataset(
     if root.exists():
         raise FileExistsError(f"{root} already exists; remove it or choose another folder.")
     if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+        raise DataError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
     if spatial_dims == 2 and channels not in (1, 3):
-        raise ValueError(f"2D PNG images have 1 or 3 channels, got {channels!r}.")
+        raise DataError(f"2D PNG images have 1 or 3 channels, got {channels!r}.")
     if num_images < 1 or size < 16 or channels < 1:
-        raise ValueError(f"need num_images >= 1, size >= 16, channels >= 1; got {num_images}, {size}, {channels}.")
+        raise DataError(f"need num_images >= 1, size >= 16, channels >= 1; got {num_images}, {size}, {channels}.")
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
@@ -158,11 +160,11 @@ def ensure_synthetic_dataset(
             pass
     manifest_path = root / _MANIFEST
     if not manifest_path.is_file():
-        raise ValueError(f"{root} exists but has no {_MANIFEST}: it is not a complete synthetic dataset. Remove it.")
+        raise DataError(f"{root} exists but has no {_MANIFEST}: it is not a complete synthetic dataset. Remove it.")
     found = json.loads(manifest_path.read_text())
     different = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
     if different:
-        raise ValueError(
+        raise DataError(
             f"{root} holds a synthetic dataset made with other settings (found, wanted): {different}. "
             "Remove it or use another folder."
         )

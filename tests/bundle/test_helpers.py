@@ -183,3 +183,14 @@ def test_mlflow_handlers_get_the_params_and_a_finished_run_is_reopened_on_resume
     assert client.get_run(run.info.run_id).info.status == "FINISHED", "a fresh training must not reopen runs"
     prepare_mlflow_handlers([handler], resume=True)
     assert client.get_run(run.info.run_id).info.status == "RUNNING"
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named(tmp_path):
+    from monai_adv.bundle import KeepPreviousDiskSaver
+    from monai_adv.errors import StorageError
+
+    target = tmp_path / "model.pt"
+    target.mkdir()  # a folder in the way: the rename into place fails, as on a full or read-only disk
+    saver = KeepPreviousDiskSaver(tmp_path, filename="model.pt")
+    with pytest.raises(StorageError, match=f"cannot write checkpoint {target}: .*Free disk space or make"):
+        saver({"model": {"w": torch.zeros(2)}}, "ignored.pt")

@@ -158,3 +158,54 @@ def test_resume_continues_the_latest_training_and_keeps_its_best_model(bundle, t
     a_iou = [m.step for m in client.get_metric_history(runs[run_a].info.run_id, "val_mean_iou")]
     assert sorted(a_iou) == [1, 2]
     assert 0.0 <= best_b <= 1.0
+
+
+@pytest.mark.slow
+def test_resume_with_a_changed_setting_is_refused_at_start_naming_the_keys(bundle, trained_bundle, tmp_path):
+    root = bundle.copy_outputs(trained_bundle.root, tmp_path / "bundle")
+    before = sorted(p.name for p in (root / "models").iterdir())
+    recorded = json.loads((root / "models" / "training_run.json").read_text())["settings"]
+    assert recorded["adv#epsilon"] == 0.1 and recorded["adv#method"] == "fgsm" and "max_epochs" not in recorded
+    assert "_desc_" not in recorded  # the config's comment is not a setting
+    run = bundle.train(root, {"adv#method": "fgsm", "adv#epsilon": 0.05, "learning_rate": 0.01, "resume": "true",
+                              "max_epochs": 3}, tracking="mlflow", expect_success=False)  # fmt: skip
+    last = run.output.strip().splitlines()[-1]
+    assert last.startswith("monai-adv: error: --resume true would continue training run_"), run.describe()
+    assert "--adv#epsilon 0.1 -> 0.05, --learning_rate 0.001 -> 0.01." in last
+    assert "by leaving out --resume true" in last and "Changing param values" not in run.output
+    assert sorted(p.name for p in (root / "models").iterdir()) == before  # nothing touched, no lock left
+    # more epochs are a legitimate change
+    more = bundle.train(root, {"adv#method": "fgsm", "adv#track_loss": "true", "resume": "true", "max_epochs": 3},
+                        tracking="mlflow")  # fmt: skip
+    assert "Epoch[3] Metrics" in more.output, more.describe()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_cleanly(bundle, tmp_path):
+    root = tmp_path / "bundle"
+    log = tmp_path / "train.log"
+    process = start_training(bundle, root, {"max_epochs": 500, "adv#method": "fgsm"}, log, str(bundle.train_json), {})
+    try:
+        wait_for(log, "Saved checkpoint at epoch: 2", process)
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log.read_text()
+    assert returncode == 1, output[-6000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("monai-adv: error: training run_") and "stopped by SIGTERM" in last, output[-4000:]
+    assert "is the last complete checkpoint" in last and "--resume true" in last
+    models = root / "models"
+    assert not (models / "training.lock").exists(), "the lock was left behind"
+    checkpoint = latest_checkpoint(models)
+    assert Path(checkpoint).name in last
+    _, runs = mlflow_runs(bundle, root)
+    (run,) = runs.values()
+    assert run.info.status == "KILLED"
+    # and it resumes from there
+    epoch = int(Path(checkpoint).stem.split("=")[1])
+    resumed = bundle.train(root, {"max_epochs": epoch + 1, "adv#method": "fgsm", "resume": "true"}, tracking="mlflow")
+    assert f"Epoch[{epoch + 1}] Metrics" in resumed.output, resumed.describe()

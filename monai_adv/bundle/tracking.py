@@ -101,6 +101,16 @@ def check_tracking_server(tracking_uri: str | None = None, timeout: float = 5.0)
     return uri
 
 
+# The stop that SIGTERM raised (TrainingRun.terminate): it may arrive inside a guarded MLflow call, which must not
+# take it for a logging failure.
+_STOP: list[BaseException] = []
+
+
+def request_stop(error: BaseException) -> None:
+    """Record the error that stops the training (SIGTERM), so that a guarded MLflow call re-raises it."""
+    _STOP[:] = [error]
+
+
 class TrackingGuard:
     """An ``MlflowClient`` stand-in whose logging calls (:data:`LOGGING_CALLS`) warn instead of raising.
 
@@ -154,6 +164,8 @@ class TrackingGuard:
             try:
                 answer = method(*args, **kwargs)
             except Exception as err:
+                if _STOP:
+                    raise _STOP[0] from err
                 if key not in _ANSWERS:
                     raise
                 self._failed(name, err)
@@ -180,7 +192,9 @@ class TrackingGuard:
             return None
         try:
             result = method(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - any failure to log must not stop the training
+        except Exception as err:  # any failure to log must not stop the training
+            if _STOP:  # not a logging failure: the stop, arrived during the call (perhaps wrapped by MLflow)
+                raise _STOP[0] from err
             self._record(name, args, kwargs)
             self._failed(name, err)
             if name == "set_terminated":
@@ -249,6 +263,8 @@ class TrackingGuard:
     def report(self) -> None:
         """Log :meth:`summary` as a warning, once."""
         text = self.summary()
+        if _STOP:  # the stop's one line is the last thing the user reads
+            return
         if text and not self.reported:
             self.reported = True
             logger.warning(text)

@@ -206,17 +206,21 @@ class TrainingRun:
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None
+        found = sorted(self.ckpt_dir.glob(CHECKPOINT_PATTERN), key=lambda p: p.stat().st_mtime)
+        last = f"{found[-1]} is the last complete checkpoint" if found else "no checkpoint had been written yet"
+        stop = TrainingInterrupted(
+            f"training {self.run_id} stopped by {signal.Signals(signum).name}: the iteration in progress was "
+            f"abandoned, {last}, and the lock is released. Continue it with --resume true."
+        )
+        from monai_adv.bundle.tracking import request_stop
+
+        request_stop(stop)
         for handler in _TRACKED_HANDLERS:
             run = getattr(handler, "cur_run", None)
             if run is not None:
                 handler.client.set_terminated(run.info.run_id, "KILLED")
                 handler.cur_run = None  # MONAI's close() must not mark it FINISHED
-        found = sorted(self.ckpt_dir.glob(CHECKPOINT_PATTERN), key=lambda p: p.stat().st_mtime)
-        last = f"{found[-1]} is the last complete checkpoint" if found else "no checkpoint had been written yet"
-        raise TrainingInterrupted(
-            f"training {self.run_id} stopped by {signal.Signals(signum).name}: the iteration in progress was "
-            f"abandoned, {last}, and the lock is released. Continue it with --resume true."
-        )
+        raise stop
 
     def finish(self) -> None:
         """Release the lock (also done at exit) and give SIGTERM back its previous handler."""

@@ -25,7 +25,8 @@ __all__ = ["UNWRITTEN_LOCK_GRACE_S", "FolderLock"]
 UNWRITTEN_LOCK_GRACE_S = 30.0
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when the file is missing, unreadable or holds no object."""
     try:
         content = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -91,7 +92,7 @@ class FolderLock:
             try:
                 descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = _read_json(self.path)
+                holder = read_json_object(self.path)
                 if self._is_held(holder):
                     about = ", ".join(f"{k} {v}" for k, v in (holder or {}).items() if k not in ("pid", "host"))
                     raise LockError(
@@ -115,7 +116,7 @@ class FolderLock:
         """Remove the lock file if this process holds it (also done at exit)."""
         if not self.held:
             return
-        holder = _read_json(self.path)
+        holder = read_json_object(self.path)
         if holder and holder.get("pid") == os.getpid() and all(holder.get(k) == v for k, v in self.info.items()):
             self.path.unlink(missing_ok=True)
         self.held = False

@@ -26,7 +26,7 @@ from typing import Any
 from monai.utils import str2bool
 
 from monai_adv.bundle.checkpoints import latest_checkpoint
-from monai_adv.bundle.locks import FolderLock
+from monai_adv.bundle.locks import FolderLock, read_json_object
 from monai_adv.errors import MonaiAdvError, SettingsError, StorageError, TrackingError, TrainingInterrupted
 
 __all__ = ["RESUMABLE_SETTINGS", "TrainingRun", "prepare_mlflow_handlers"]
@@ -52,14 +52,6 @@ def _comparable(value: Any) -> Any:
     if isinstance(value, str) and value.strip().lower() in ("null", "none"):
         return None
     return json.loads(json.dumps(value, default=str))
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return content if isinstance(content, dict) else None
 
 
 class TrainingRun:
@@ -88,7 +80,7 @@ class TrainingRun:
             self.resume = str2bool(str(resume).strip() if not isinstance(resume, bool) else resume)
         except ValueError as err:  # MONAI's message does not name the setting
             raise SettingsError(f"resume must be true or false, got {resume!r}.") from err
-        record = _read_json(self.ckpt_dir / RECORD_NAME) if self.resume else None
+        record = read_json_object(self.ckpt_dir / RECORD_NAME) if self.resume else None
         self.recorded_settings = record.get("settings") if record and isinstance(record.get("settings"), dict) else None
         if record and record.get("run_id"):
             self.run_id = str(record["run_id"])
@@ -241,7 +233,7 @@ class TrainingRun:
         files += [self.ckpt_dir / name for name in (BEST_MODEL_NAME, RECORD_NAME) if (self.ckpt_dir / name).is_file()]
         if not files:
             return
-        previous = _read_json(self.ckpt_dir / RECORD_NAME) or {}
+        previous = read_json_object(self.ckpt_dir / RECORD_NAME) or {}
         name = str(previous.get("run_id") or time.strftime("run_before_%Y%m%d_%H%M%S"))
         destination = self.ckpt_dir / ARCHIVE_DIR / name
         while destination.exists():

@@ -46,7 +46,7 @@ from monai.utils import convert_to_tensor
 from torch import nn
 
 from monai_adv.attacks import AttackSpec, LossFunction, check_epsilons, gradient_sign_sweep, run_attack
-from monai_adv.attacks.gradient_sign import project_and_clamp
+from monai_adv.attacks.gradient_sign import clamp_bounds, project_and_clamp
 from monai_adv.evaluation.figures import plot_robustness_curve, save_example_grid
 
 __all__ = [
@@ -157,6 +157,15 @@ def _nanmean(values: torch.Tensor, dim: int) -> torch.Tensor:
     total = torch.where(valid, values, torch.zeros_like(values)).sum(dim)
     count = valid.sum(dim)
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
+
+
+def _listed_check(
+    failures: list[dict[str, Any]], reason: str, describe: Callable[[dict], str], shown: int | None = None
+) -> dict[str, Any]:
+    """A check that passes when ``failures`` is empty; its reason names them (``reason``, then the first ``shown``
+    described)."""
+    named = ", ".join(describe(d) for d in failures[:shown])
+    return {"passed": not failures, "details": failures, "reason": reason + named}
 
 
 class RobustnessEvaluator(Engine):
@@ -410,13 +419,7 @@ class RobustnessEvaluator(Engine):
 
     def _noise(self, images: torch.Tensor, eps: float) -> torch.Tensor:
         noise = torch.rand(images.shape, generator=self._generator, device=images.device, dtype=images.dtype)
-        bounds = None
-        if self.single.clamp == "range":
-            low, high = self.single.value_range
-            bounds = (images.new_full((), low), images.new_full((), high))
-        elif self.single.clamp == "image":
-            bounds = (images.amin(dim=tuple(range(1, images.ndim)), keepdim=True),
-                      images.amax(dim=tuple(range(1, images.ndim)), keepdim=True))  # fmt: skip
+        bounds = clamp_bounds(images, self.single.clamp, self.single.value_range)
         return project_and_clamp(images + (2 * noise - 1) * eps, images, eps, bounds)
 
     def _check_runs(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -615,16 +618,15 @@ class RobustnessEvaluator(Engine):
                 if lowest_before is not None and curve[high] > lowest_before + tol:
                     rises.append({"attack": attack, "loss": loss, "epsilon": high, "iou": curve[high],
                                   "lower_iou_at_smaller_epsilon": lowest_before})  # fmt: skip
-        checks["monotone_in_epsilon"] = {
-            "passed": not rises,
-            "details": rises,
-            "reason": "robust IoU rises with epsilon for "
-            + ", ".join(
+        checks["monotone_in_epsilon"] = _listed_check(
+            rises,
+            "robust IoU rises with epsilon for ",
+            lambda d: (
                 f"{d['attack']} ({d['loss']}) at {d['epsilon']:g}: {d['iou']:.3f} > "
                 f"{d['lower_iou_at_smaller_epsilon']:.3f}"
-                for d in rises[:4]
             ),
-        }
+            shown=4,
+        )
         # 2. more steps are not weaker
         if self.check_epsilon > 0:
             short = self._mean("pgd", self.check_epsilon, pgd.num_steps)
@@ -654,24 +656,22 @@ class RobustnessEvaluator(Engine):
                 continue
             if clean_iou - noise > 0.5 * (clean_iou - attacked):
                 weak.append({"epsilon": eps, "noise_iou": noise, "attack_iou": attacked})
-        checks["noise_weaker"] = {
-            "passed": not weak,
-            "details": weak,
-            "reason": "uniform noise lowers IoU at least half as much as the attacks at "
-            + ", ".join(f"{d['epsilon']:g} (noise {d['noise_iou']:.3f}, attacks {d['attack_iou']:.3f})" for d in weak),
-        }
+        checks["noise_weaker"] = _listed_check(
+            weak,
+            "uniform noise lowers IoU at least half as much as the attacks at ",
+            lambda d: f"{d['epsilon']:g} (noise {d['noise_iou']:.3f}, attacks {d['attack_iou']:.3f})",
+        )
         # 5. FGSM is not stronger than PGD
         stronger = []
         for eps in positive:
             fgsm, pgd_iou = self._mean("fgsm", eps), self._mean("pgd", eps, pgd.num_steps)
             if fgsm is not None and pgd_iou is not None and fgsm < pgd_iou - tol:
                 stronger.append({"epsilon": eps, "fgsm_iou": fgsm, "pgd_iou": pgd_iou})
-        checks["fgsm_not_stronger"] = {
-            "passed": not stronger,
-            "details": stronger,
-            "reason": "FGSM is stronger than PGD at "
-            + ", ".join(f"{d['epsilon']:g} ({d['fgsm_iou']:.3f} < {d['pgd_iou']:.3f})" for d in stronger),
-        }
+        checks["fgsm_not_stronger"] = _listed_check(
+            stronger,
+            "FGSM is stronger than PGD at ",
+            lambda d: f"{d['epsilon']:g} ({d['fgsm_iou']:.3f} < {d['pgd_iou']:.3f})",
+        )
         # 6. a transfer attack is not stronger than the white-box attacks
         if self.surrogate is not None:
             better = []
@@ -680,12 +680,11 @@ class RobustnessEvaluator(Engine):
                 transfer = self._mean("transfer", eps)
                 if transfer is not None and transfer < white - tol:
                     better.append({"epsilon": eps, "transfer_iou": transfer, "white_box_iou": white})
-            checks["transfer_not_stronger"] = {
-                "passed": not better,
-                "details": better,
-                "reason": "PGD made on the surrogate model is stronger than the white-box attacks at "
-                + ", ".join(f"{d['epsilon']:g} ({d['transfer_iou']:.3f} < {d['white_box_iou']:.3f})" for d in better),
-            }
+            checks["transfer_not_stronger"] = _listed_check(
+                better,
+                "PGD made on the surrogate model is stronger than the white-box attacks at ",
+                lambda d: f"{d['epsilon']:g} ({d['transfer_iou']:.3f} < {d['white_box_iou']:.3f})",
+            )
         for check in checks.values():
             if check["passed"]:
                 check["reason"] = None  # a reason is the text of a failed check

@@ -72,10 +72,10 @@ def _epsilon(value: Any) -> float | tuple[float, float]:
         try:
             low, high = (float(v) for v in value)
         except (TypeError, ValueError):
-            raise ValueError(f"attack option epsilon must be a number or a (low, high) pair, got {value!r}.") from None
+            raise TypeError(f"attack option epsilon must be a number or a (low, high) pair, got {value!r}.") from None
         single = False
     else:
-        raise ValueError(f"attack option epsilon must be a number or a (low, high) pair, got {value!r}.")
+        raise TypeError(f"attack option epsilon must be a number or a (low, high) pair, got {value!r}.")
     if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or low > high:
         raise ValueError(f"attack option epsilon must be finite and non-negative with low <= high, got {value!r}.")
     return low if single else (low, high)
@@ -116,6 +116,7 @@ class AttackSpec:
 
     Raises:
         ValueError: for any option out of its range, naming it (e.g. ``clamp='bogus'``, ``num_steps=0``).
+        TypeError: for an epsilon that is neither a number nor a ``(low, high)`` pair.
     """
 
     epsilon: float | tuple[float, float] = 0.1

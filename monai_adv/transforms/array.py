@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -39,19 +37,6 @@ _ZERO_GRADIENT_MESSAGE = (
     "images unchanged. A common cause is softmax over a single output channel (e.g. DiceCELoss(softmax=True) with "
     "out_channels=1): use two or more output channels, or sigmoid=True for a one-channel head."
 )
-
-
-def _epsilon_range(epsilon: float | Sequence[float]) -> tuple[float, float]:
-    """Validate ``epsilon`` (a number or a ``(low, high)`` range) and return it as a range."""
-    if isinstance(epsilon, numbers.Real) and not isinstance(epsilon, bool):
-        low = high = float(epsilon)
-    elif isinstance(epsilon, Sequence) and len(epsilon) == 2 and not isinstance(epsilon, str):
-        low, high = (float(v) for v in epsilon)
-    else:
-        raise TypeError(f"epsilon must be a number or a (low, high) pair, got {epsilon!r}.")
-    if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or low > high:
-        raise ValueError(f"epsilon must be finite and non-negative with low <= high, got {epsilon!r}.")
-    return low, high
 
 
 def check_input_gradient(
@@ -142,7 +127,7 @@ class GradientSign(Randomizable, Transform):
             ``on_zero_gradient``, ``schedule``, ``loss``, ``radii``, ``restarts``, ``keep_best``.
 
     Raises:
-        TypeError: for an unknown option.
+        TypeError: for an unknown option, or an epsilon that is neither a number nor a ``(low, high)`` pair.
         ValueError: for a bad option value (e.g. a negative, reversed or non-finite ``epsilon``, ``num_steps=0``,
             ``clamp="bogus"``), naming it: the spec is validated here, once.
     """
@@ -164,7 +149,6 @@ class GradientSign(Randomizable, Transform):
         if "direction" in options:
             raise TypeError(f"{type(self).__name__} has a fixed direction ({self.direction!r}): do not pass one.")
         if epsilon is not None:
-            _epsilon_range(epsilon)  # the historic TypeError for a badly typed epsilon
             options["epsilon"] = epsilon
         self.spec = AttackSpec.create(spec, direction=self.direction, **options)
         self.network = network

@@ -591,9 +591,8 @@ def gradient_sign_attack(
     from monai_adv.attacks.attack import run_attack
     from monai_adv.attacks.spec import AttackSpec
 
-    value = float(epsilon) if isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) else 0.0
-    attack = AttackSpec.create(spec, direction=direction, epsilon=max(value, 0.0) if math.isfinite(value) else 0.0,
-                               **options)  # fmt: skip
+    # epsilon is this call's (checked by run_attack), so the spec's own stays as it is
+    attack = AttackSpec.create(spec, direction=direction, **options)
     return run_attack(
         network, images, labels, attack, loss_function, epsilon=epsilon, generator=generator,
         return_loss_after=return_loss_after,

@@ -21,6 +21,7 @@ from torch import nn
 
 from monai_adv.attacks.gradient_sign import ClampMode, LossFunction
 from monai_adv.attacks.sweep import gradient_sign_sweep
+from monai_adv.bundle.locks import FolderLock
 from monai_adv.evaluation.robustness import load_network_weights
 
 __all__ = ["AdversarialDatasetWriter", "save_scaled_image"]
@@ -170,11 +171,28 @@ class AdversarialDatasetWriter:
         return save_scaled_image(array, path, (self.low, self.high), is_mask=is_mask, affine=affine)
 
     def run(self) -> dict[str, Any]:
-        """Write the copies and the datalists.
+        """Write the copies and the datalists, holding ``output_dir/augment.lock`` meanwhile.
 
         Returns:
             ``{"datalist": path, "datalists": {method: path}, "num_written": n}``.
+
+        Raises:
+            LockError: when another augmentation is writing into ``output_dir``.
         """
+        lock = FolderLock(
+            self.output_dir,
+            "augment.lock",
+            "augmentation",
+            "write into another folder (--augment_dir DIR)",
+            info={"checkpoint": self.checkpoint, "methods": ",".join(self.methods), "epsilon": self.epsilon},
+        )
+        with lock:
+            previous = self.output_dir / "datalist.json"
+            if previous.is_file():
+                self.logger.warning("replacing the adversarial copies and datalists in %s", self.output_dir)
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         from monai.utils import optional_import
 
         tqdm, has_tqdm = optional_import("tqdm", name="tqdm")

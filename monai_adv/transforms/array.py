@@ -90,6 +90,25 @@ def check_input_gradient(
             )
 
 
+def _check_single_item(img: torch.Tensor, label: torch.Tensor) -> None:
+    """Refuse a batch given as one item, with the fix: ``batched=True``.
+
+    One item is ``(C, *spatial)`` with a label ``(C_l, *spatial)`` or ``(*spatial)``. A label with more
+    dimensions than the image, or whose trailing (spatial) shape differs from the image's, is what a collated
+    ``(B, ...)`` pair looks like when it reaches an unbatched transform.
+    """
+    spatial = tuple(img.shape[1:])
+    fits = label.ndim in (img.ndim, img.ndim - 1) and tuple(label.shape[-len(spatial) :]) == spatial
+    if not fits:
+        hint = ""
+        if label.ndim >= 3 and label.shape[0] == img.shape[0] and tuple(label.shape[2:]) == tuple(img.shape[2:]):
+            hint = f" They look like a batch of {img.shape[0]}: pass batched=True to take (B, C, *spatial) batches."
+        raise ValueError(
+            f"label shape {tuple(label.shape)} does not fit image shape {tuple(img.shape)} of one item "
+            f"(C, *spatial): expected a label (C_l, *{spatial}) or {spatial}.{hint}"
+        )
+
+
 def _network_device(network: nn.Module) -> torch.device:
     for param in network.parameters():
         return param.device
@@ -256,20 +275,30 @@ class GradientSign(Randomizable, Transform):
         images = convert_to_tensor(img, device=device, track_meta=False)
         labels = convert_to_tensor(label, device=device, track_meta=False)
         if not self.batched:
+            _check_single_item(images, labels)
             images, labels = images.unsqueeze(0), labels.unsqueeze(0)
         generator = None
         if self.random_start or self.spec.restarts > 1:
             generator = torch.Generator(device=device).manual_seed(self._seed)
-        result = run_attack(
-            self.network,
-            images,
-            labels,
-            self.spec,
-            self.loss_function,
-            epsilon=self._epsilon,
-            generator=generator,
-            return_loss_after=self.return_loss_after,
-        )
+        try:
+            result = run_attack(
+                self.network,
+                images,
+                labels,
+                self.spec,
+                self.loss_function,
+                epsilon=self._epsilon,
+                generator=generator,
+                return_loss_after=self.return_loss_after,
+            )
+        except (ValueError, RuntimeError) as err:
+            if not self.batched and img.ndim >= 4:
+                err.add_note(
+                    f"monai-adv: {type(self).__name__} read img of shape {tuple(img.shape)} as one item "
+                    f"(C, *spatial) with {img.ndim - 1} spatial dims; if it is a batch (B, C, *spatial), pass "
+                    "batched=True."
+                )
+            raise
         self.last_stats = {
             "epsilon": result.epsilon.mean(),
             "loss_before": result.loss_before,

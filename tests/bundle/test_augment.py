@@ -83,3 +83,42 @@ def test_augment_refuses_per_image_scaling_and_unknown_methods(bundle, trained_b
             workflow.run()
         assert message in f"{info.value} {info.value.__cause__}"
     assert not (root / "data" / "adversarial").exists()
+
+
+LOCK_HOLDER = """
+import sys, time
+from monai_adv.bundle import FolderLock
+FolderLock(sys.argv[1], "augment.lock", "augmentation", info={"checkpoint": "the other run"}).acquire()
+print("HELD", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_augment_into_the_same_folder_is_refused(bundle, trained_bundle, tmp_path, restore_determinism):
+    import subprocess
+    import sys
+
+    from monai.bundle import ConfigWorkflow
+
+    from monai_adv.errors import LockError
+
+    root = bundle.copy_outputs(trained_bundle.root, tmp_path / "bundle")
+    out = root / "data" / "adversarial"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "HELD"
+        workflow = ConfigWorkflow(
+            config_file=[str(bundle.train_json), str(bundle.configs / "augment.json")], workflow_type=None,
+            logging_file=False, bundle_root=str(root), **bundle.tiny_net, max_train=4, max_val=2,
+        )  # fmt: skip
+        workflow.initialize()
+        with pytest.raises(Exception) as info:
+            workflow.run()
+        error = info.value if isinstance(info.value, LockError) else info.value.__cause__
+        assert isinstance(error, LockError), info.value
+        assert f"another augmentation is running in {out} (pid {holder.pid}" in str(error)
+        assert "checkpoint the other run" in str(error) and "--augment_dir" in str(error)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == ["augment.lock"]  # nothing written beside the other run's lock

@@ -311,6 +311,19 @@ def test_missing_batch_dimension(net, data, make_dicece):
         FGSM(net, make_dicece())(images[0, 0, 0], mask[0, 0, 0])
 
 
+def test_batch_without_batched_names_the_fix(net, make_tiny_net, data, make_dicece):
+    gray, mask = data  # a batch of 2: (2, 1, 16, 16) images and masks
+    rgb, rgb_net = gray.repeat(1, 3, 1, 1), make_tiny_net(in_channels=3).eval()
+    with pytest.raises(ValueError, match="batched=True") as info:
+        FGSM(rgb_net, make_dicece())(rgb, mask)
+    assert "(2, 1, 16, 16)" in str(info.value) and "(2, 3, 16, 16)" in str(info.value)
+    # (2, 1, 16, 16) with its mask also fits one 3D item, so the 2D network fails: the hint is a note on its error
+    with pytest.raises(RuntimeError) as info:
+        FGSM(net, make_dicece())(gray, mask)
+    assert any("batched=True" in note for note in getattr(info.value, "__notes__", []))
+    assert FGSM(rgb_net, make_dicece(), batched=True)(rgb, mask).shape == rgb.shape
+
+
 def test_no_network_or_loss(net, data, make_dicece):
     images, mask = data
     t = FGSM(loss_function=make_dicece())

@@ -7,6 +7,8 @@ Not part of the augmentation library: they keep one bundle root's training state
 - :mod:`monai_adv.bundle.settings`: checks of command-line settings (``--image_size``).
 - :mod:`monai_adv.bundle.training_run`: the identity of a training (one MLflow run each), the lock that keeps
   two trainings out of one bundle root, and the adversarial parameters handed to MLflow.
+- :mod:`monai_adv.bundle.tracking`: MLflow tracking that cannot hang a training, and the best model logged into
+  the training's run as an MLflow model.
 """
 
 from monai_adv.bundle.checkpoints import (
@@ -19,8 +21,8 @@ from monai_adv.bundle.checkpoints import (
 from monai_adv.bundle.guards import StopOnNonFiniteLoss
 from monai_adv.bundle.locks import FolderLock
 from monai_adv.bundle.settings import ADV_METHODS, check_settings, intensity_range, intensity_scaling, spatial_size
-from monai_adv.bundle.tracking import TrackingGuard, bound_http_retries, check_tracking_server
-from monai_adv.bundle.training_run import TrainingRun, prepare_mlflow_handlers
+from monai_adv.bundle.tracking import TrackingGuard, bound_http_retries, check_tracking_server, log_best_model
+from monai_adv.bundle.training_run import TrainingRun, check_mlflow_handlers, prepare_mlflow_handlers
 
 __all__ = [
     "ADV_METHODS",
@@ -32,11 +34,13 @@ __all__ = [
     "TrainingRun",
     "bound_http_retries",
     "check_checkpoint_fits",
+    "check_mlflow_handlers",
     "check_settings",
     "check_tracking_server",
     "intensity_range",
     "intensity_scaling",
     "latest_checkpoint",
+    "log_best_model",
     "prepare_mlflow_handlers",
     "require_file",
     "spatial_size",

@@ -42,10 +42,20 @@ class KeepPreviousDiskSaver(DiskSaver):
         dirname: folder of the checkpoints (created if absent; other files in it are left alone).
         filename: a fixed file name (e.g. ``"model.pt"``) used instead of Ignite's generated one.
         kwargs: passed to ``torch.save``.
+
+    Raises:
+        StorageError: (an ``OSError``) when ``dirname`` cannot be created (a file in the way, a read-only or full
+            disk), naming it.
     """
 
     def __init__(self, dirname: str | os.PathLike, filename: str | None = None, **kwargs: Any) -> None:
-        super().__init__(dirname, atomic=True, create_dir=True, require_empty=False, **kwargs)
+        try:
+            super().__init__(dirname, atomic=True, create_dir=True, require_empty=False, **kwargs)
+        except OSError as err:  # ignite creates the folder here: a file in the way, a read-only or full disk
+            raise StorageError(
+                f"cannot write the training's files in {dirname}: {err.strerror or err} ({err.filename or dirname}). "
+                "Give a --bundle_root that is a writable folder with free space."
+            ) from err
         self.filename = filename
         self.pending_removal: list[str] = []
 

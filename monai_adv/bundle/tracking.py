@@ -6,22 +6,34 @@ an unreachable server stalls a training for many minutes at its first call, and 
 it at every call. For the bundle's runs, :func:`bound_http_retries` lowers these where the user has not set them,
 :func:`check_tracking_server` refuses an unreachable server at start in one line, and :class:`TrackingGuard`
 (installed on MONAI's ``MLFlowHandler`` by :func:`~monai_adv.bundle.prepare_mlflow_handlers`) lets training go
-on when logging fails.
+on when logging fails. At the end of a training, :func:`log_best_model` logs the best model (``models/model.pt``)
+into the training's run as an MLflow model, under the same guard.
 """
 
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
 import os
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from monai_adv.errors import TrackingError
 
-__all__ = ["HTTP_DEFAULTS", "LOGGING_CALLS", "TrackingGuard", "bound_http_retries", "check_tracking_server"]
+__all__ = [
+    "HTTP_DEFAULTS",
+    "LOGGING_CALLS",
+    "MODEL_METADATA_KEYS",
+    "TrackingGuard",
+    "bound_http_retries",
+    "check_tracking_server",
+    "log_best_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +149,7 @@ class TrackingGuard:
         self.lost_artifacts: list[str] = []
         self.first_error: str | None = None
         self.reported = False
+        self.run_id: str | None = None  # the run its handler logs to (created, read or terminated through it)
 
     @property
     def uri(self) -> str:
@@ -176,6 +189,8 @@ class TrackingGuard:
                     _ANSWERS[search] = [*(_ANSWERS.get(search) or []), answer]
                 else:
                     _ANSWERS[key] = answer
+                if name in ("create_run", "get_run") and hasattr(getattr(answer, "info", None), "run_id"):
+                    self.run_id = str(answer.info.run_id)
                 if name == "get_experiment" and hasattr(answer, "name"):  # the experiment just created has a name
                     _ANSWERS[_key(self.uri, "get_experiment_by_name", (answer.name,), {})] = answer
                 self.consecutive_failures = 0
@@ -187,6 +202,8 @@ class TrackingGuard:
         return _ANSWERS[key]
 
     def _call(self, name: str, method: Any, args: tuple, kwargs: dict) -> Any:
+        if name == "set_terminated" and (args or kwargs.get("run_id")):
+            self.run_id = str(kwargs.get("run_id", args[0] if args else None))
         if self.gave_up:
             self._record(name, args, kwargs)
             return None
@@ -236,6 +253,8 @@ class TrackingGuard:
             self.lost_artifacts.append(
                 os.path.basename(str(kwargs.get("local_path", args[1] if len(args) > 1 else "?")))
             )
+        elif name == "log_model":
+            self.lost_artifacts.append(f"the model {kwargs.get('name', '?')!r}")
 
     def summary(self) -> str | None:
         """What was not logged, in one paragraph; None when everything was."""
@@ -268,3 +287,169 @@ class TrackingGuard:
         if text and not self.reported:
             self.reported = True
             logger.warning(text)
+
+
+# the fields of the bundle's metadata.json that go with a logged model (MLflow's ``metadata=``)
+MODEL_METADATA_KEYS = (
+    "name", "version", "task", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
+    "image_classes", "label_classes", "pred_classes", "intended_use", "network_data_format",
+)  # fmt: skip
+
+
+def _json_safe(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+def _requirements(network: Any) -> list[str]:
+    """``dist==version`` of torch, monai and the package of the network's class: what unpickling the model needs
+    (given explicitly, MLflow does not load the model in a subprocess to infer them)."""
+    from importlib import metadata
+
+    distributions = metadata.packages_distributions()
+    requirements = []
+    for package in dict.fromkeys(("torch", "monai", type(network).__module__.split(".")[0])):
+        for distribution in distributions.get(package, [])[:1]:
+            requirements.append(f"{distribution}=={metadata.version(distribution).split('+')[0]}")
+    return requirements
+
+
+def _best_network(network: Any, model_path: Path) -> Any:
+    """A CPU copy of ``network`` (unwrapped from (Distributed)DataParallel) with the weights of ``model_path``."""
+    import torch
+
+    module = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+    module = module.module if isinstance(module, torch.nn.DataParallel) else module
+    model = copy.deepcopy(module).to("cpu")
+    model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def log_best_model(
+    handlers: Iterable[Any] | None,
+    network: Any,
+    model_path: str | os.PathLike,
+    input_shape: Sequence[int],
+    metadata: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    name: str = "model",
+) -> str | None:
+    """Log the best model of a training into its MLflow run, as an MLflow model that ``mlflow.pytorch.load_model``
+    gives back as a working network.
+
+    The run is that of the first ``MLFlowHandler`` in ``handlers`` (its current run, else the run it logged to,
+    which MONAI's handler closes when the trainer completes); without one (no ``--tracking mlflow``, e.g. TensorBoard
+    tracking) nothing is done. ``network`` gets the weights of ``model_path`` (on a CPU copy) and is logged with
+    ``mlflow.pytorch.log_model(name=name)``: pickled, so that the model loads as the network's own class (any batch
+    size, ``.eval()``, fine-tuning), which needs ``torch`` and ``monai`` installed where it is loaded (the logged
+    requirements). Its signature comes from ``mlflow.models.infer_signature`` on a zero input of ``input_shape``
+    and the network's output (MLflow makes the batch dimension variable), and ``metadata`` (the bundle's
+    ``metadata.json``: the fields in :data:`MODEL_METADATA_KEYS`) and ``settings`` go with it.
+
+    A failure to log (the server is down, the file does not fit the network) is a warning, like any failed logging
+    call under :class:`TrackingGuard` (one that has given up on the server sends nothing): the checkpoints and
+    ``model_path`` stay as they are. When ``model_path`` does not exist (no validation, or no finite score, saved a
+    best model), nothing is logged.
+
+    Args:
+        handlers: the trainer's handlers (``@train#handlers``); others than MLFlowHandler are ignored.
+        network: the network whose weights ``model_path`` holds (``@network_def``).
+        model_path: the best model's state dict (``@ckpt_path``, ``models/model.pt``).
+        input_shape: one input of the network with its batch dimension, e.g. ``(1, in_channels, *image_size)``.
+        metadata: the bundle's metadata (``@_meta_``).
+        settings: the training's settings (``@settings``), logged as ``metadata["settings"]``.
+        name: the model's name in the run (``runs:/<run_id>/<name>``).
+
+    Returns:
+        The model's URI ``runs:/<run_id>/<name>``, or None when nothing was logged.
+    """
+    from monai.handlers import MLFlowHandler
+
+    found = [h for h in handlers or [] if isinstance(h, MLFlowHandler)]
+    if not found:
+        return None
+    handler = found[0]
+    path = Path(model_path)
+    if not path.is_file():
+        logger.info(f"MLflow: no best model to log ({path} was not written in this training).")
+        return None
+    guard = handler.client if isinstance(handler.client, TrackingGuard) else TrackingGuard(handler.client)
+    if guard.gave_up:
+        guard._record("log_model", (), {"name": name})
+        logger.warning(
+            f"MLflow: the best model {path} was not logged to {guard.uri}: the server stopped answering earlier in "
+            f"this training. {path} is complete; log it later with mlflow.pytorch.log_model."
+        )
+        return None
+    try:
+        uri = _log_model(handler, guard, network, path, input_shape, metadata, settings, name)
+    except Exception as err:  # a failure to log must not lose the training's end (the lock release follows)
+        if _STOP:
+            raise _STOP[0] from err
+        guard._record("log_model", (), {"name": name})
+        guard._failed("log_model", err)
+        text = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        logger.warning(
+            f"MLflow: the best model {path} was not logged to {guard.uri} ({text}). {path} is complete; log it later "
+            "with mlflow.pytorch.log_model."
+        )
+        return None
+    guard.consecutive_failures = 0
+    logger.info(f"MLflow: the best model {path} is logged as {uri} ({guard.uri}).")
+    return uri
+
+
+def _log_model(
+    handler: Any,
+    guard: TrackingGuard,
+    network: Any,
+    path: Path,
+    input_shape: Sequence[int],
+    metadata: Mapping[str, Any] | None,
+    settings: Mapping[str, Any] | None,
+    name: str,
+) -> str:
+    import math
+
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    run_id = handler.cur_run.info.run_id if handler.cur_run is not None else guard.run_id
+    if run_id is None:
+        raise TrackingError("no MLflow run of this training was found (the trainer's handler never started one).")
+    model = _best_network(network, path)
+    if not all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters() if p.numel()):
+        raise TrackingError(f"{path} holds weights that are not finite.")
+    example = np.zeros(tuple(int(s) for s in input_shape), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example))
+    signature = infer_signature(example, output.detach().cpu().numpy())
+    model_metadata = {k: v for k, v in (metadata or {}).items() if k in MODEL_METADATA_KEYS}
+    if settings:
+        model_metadata["settings"] = {k: v for k, v in settings.items() if not str(k).startswith("_")}
+    model_metadata["source"] = path.name
+    status = guard.get_run(run_id).info.status
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(guard.uri)  # the handler's store (MLFLOW_TRACKING_URI, or the config's tracking_uri)
+    try:
+        mlflow.start_run(run_id=run_id)  # the fluent API puts a model into the active run's experiment
+        try:
+            mlflow.pytorch.log_model(
+                model,
+                name=name,
+                signature=signature,
+                metadata=_json_safe(model_metadata),
+                pip_requirements=_requirements(model),
+                serialization_format="pickle",
+            )
+        finally:  # give the run back the status it had (MONAI's handler closed it as FINISHED)
+            mlflow.end_run(status=status if status != "RUNNING" else "FINISHED")
+            if status == "RUNNING":
+                guard.update_run(run_id, status="RUNNING")
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    return f"runs:/{run_id}/{name}"

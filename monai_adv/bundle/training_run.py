@@ -29,7 +29,7 @@ from monai_adv.bundle.checkpoints import latest_checkpoint
 from monai_adv.bundle.locks import FolderLock, read_json_object
 from monai_adv.errors import MonaiAdvError, SettingsError, StorageError, TrackingError, TrainingInterrupted
 
-__all__ = ["RESUMABLE_SETTINGS", "TrainingRun", "prepare_mlflow_handlers"]
+__all__ = ["RESUMABLE_SETTINGS", "TrainingRun", "check_mlflow_handlers", "prepare_mlflow_handlers"]
 
 RECORD_NAME = "training_run.json"
 LOCK_NAME = "training.lock"
@@ -270,6 +270,51 @@ def _refuse_deleted_experiment(handler: Any, uri: str) -> None:
     )
 
 
+def check_mlflow_handlers(handlers: Iterable[Any], check_timeout: float = 5.0) -> list[Any]:
+    """Check the tracking store of MONAI's MLFlowHandlers now, before any data is read or training starts.
+
+    For each ``MLFlowHandler`` in ``handlers`` (others are ignored, e.g. TensorBoard's): MLflow's HTTP retries and
+    timeouts are bounded (:func:`~monai_adv.bundle.tracking.bound_http_retries`, only the variables the user has
+    not set), an HTTP tracking server that does not answer within ``check_timeout`` seconds is refused, its client
+    is wrapped in a :class:`~monai_adv.bundle.tracking.TrackingGuard`, and a soft-deleted experiment of the
+    handler's name is refused, with how to restore it or use another name.
+
+    The bundle calls it first with ``@validate#handlers``: ``--tracking mlflow`` gives the validator's handler the
+    same tracking URI and experiment as the trainer's, and resolving the validator's handlers reads no data
+    (resolving ``@train#handlers`` builds the validator through its ``ValidationHandler``, which caches the
+    validation set). :func:`prepare_mlflow_handlers` calls it again for the trainer's handlers. Calling it twice on
+    the same handlers is harmless.
+
+    Args:
+        handlers: handlers of an engine (the config's ``train#handlers`` or ``validate#handlers``).
+        check_timeout: seconds to wait for an HTTP tracking server to answer.
+
+    Returns:
+        The MLFlowHandlers found.
+
+    Raises:
+        TrackingError: (a ``RuntimeError``) when an HTTP tracking server does not answer, or the experiment is
+            soft-deleted (saying how to restore or rename it).
+    """
+    from monai.handlers import MLFlowHandler
+
+    from monai_adv.bundle.tracking import TrackingGuard, bound_http_retries, check_tracking_server
+
+    found = [h for h in handlers or [] if isinstance(h, MLFlowHandler)]
+    if found:
+        bound_http_retries()
+    checked: set[str] = set()
+    for handler in found:
+        uri = str(getattr(handler.client, "tracking_uri", ""))
+        if uri not in checked:
+            check_tracking_server(uri, timeout=check_timeout)
+            checked.add(uri)
+        if not isinstance(handler.client, TrackingGuard):
+            handler.client = TrackingGuard(handler.client)
+        _refuse_deleted_experiment(handler, uri)
+    return found
+
+
 def prepare_mlflow_handlers(
     handlers: Iterable[Any],
     params: Mapping[str, Any] | None = None,
@@ -281,13 +326,12 @@ def prepare_mlflow_handlers(
 
     ``--tracking mlflow`` appends an ``MLFlowHandler`` to ``train#handlers`` and ``validate#handlers``. For each:
 
-    - MLflow's HTTP retries and timeouts are bounded (:func:`~monai_adv.bundle.tracking.bound_http_retries`, only
-      the variables the user has not set), and an HTTP tracking server that does not answer within
-      ``check_timeout`` seconds is refused now, in one line, instead of stalling the trainer's start;
+    - :func:`check_mlflow_handlers`: MLflow's HTTP retries and timeouts are bounded, an HTTP tracking server that
+      does not answer within ``check_timeout`` seconds is refused in one line instead of stalling the trainer's
+      start, and a soft-deleted experiment of the same name is refused, with how to restore it or use another name;
     - its client is wrapped in a :class:`~monai_adv.bundle.tracking.TrackingGuard`: a logging call that fails
       (the server died mid-run) is a warning, training and checkpoints go on, and a summary of what was not logged
       comes at the end;
-    - a soft-deleted experiment of the same name is refused now, with how to restore it or use another name;
     - the trainer's handlers log ``params`` (their ``experiment_param``) when their run starts;
     - MONAI's handler never writes into a FINISHED run: when resuming a training that had completed, the run of
       that name is set back to RUNNING, so the resumed epochs join it.
@@ -306,23 +350,8 @@ def prepare_mlflow_handlers(
         TrackingError: (a ``RuntimeError``) when an HTTP tracking server does not answer, or the experiment is
             soft-deleted (saying how to restore or rename it).
     """
-    from monai.handlers import MLFlowHandler
-
-    from monai_adv.bundle.tracking import TrackingGuard, bound_http_retries, check_tracking_server
-
-    found = [h for h in handlers if isinstance(h, MLFlowHandler)]
-    every = found + [h for h in (validation_handlers or []) if isinstance(h, MLFlowHandler)]
-    if every:
-        bound_http_retries()
-    checked: set[str] = set()
-    for handler in every:
-        uri = str(getattr(handler.client, "tracking_uri", ""))
-        if uri not in checked:
-            check_tracking_server(uri, timeout=check_timeout)
-            checked.add(uri)
-        if not isinstance(handler.client, TrackingGuard):
-            handler.client = TrackingGuard(handler.client)
-        _refuse_deleted_experiment(handler, uri)
+    found = check_mlflow_handlers(handlers, check_timeout)
+    check_mlflow_handlers(validation_handlers or [], check_timeout)
     _TRACKED_HANDLERS.extend(h for h in found if h not in _TRACKED_HANDLERS)
     for handler in found:
         if params:

@@ -13,13 +13,14 @@ into the training's run as an MLflow model, under the same guard.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import logging
 import os
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -376,28 +377,49 @@ def log_best_model(
         return None
     guard = handler.client if isinstance(handler.client, TrackingGuard) else TrackingGuard(handler.client)
     if guard.gave_up:
-        guard._record("log_model", (), {"name": name})
-        logger.warning(
-            f"MLflow: the best model {path} was not logged to {guard.uri}: the server stopped answering earlier in "
-            f"this training. {path} is complete; log it later with mlflow.pytorch.log_model."
-        )
+        _model_not_logged(guard, path, name, "the server stopped answering earlier in this training")
         return None
     try:
         uri = _log_model(handler, guard, network, path, input_shape, metadata, settings, name)
     except Exception as err:  # a failure to log must not lose the training's end (the lock release follows)
         if _STOP:
             raise _STOP[0] from err
-        guard._record("log_model", (), {"name": name})
-        guard._failed("log_model", err)
-        text = " ".join(f"{type(err).__name__}: {err}".split())[:300]
-        logger.warning(
-            f"MLflow: the best model {path} was not logged to {guard.uri} ({text}). {path} is complete; log it later "
-            "with mlflow.pytorch.log_model."
-        )
+        _model_not_logged(guard, path, name, " ".join(f"{type(err).__name__}: {err}".split())[:300], err)
         return None
     guard.consecutive_failures = 0
     logger.info(f"MLflow: the best model {path} is logged as {uri} ({guard.uri}).")
     return uri
+
+
+def _model_not_logged(guard: TrackingGuard, path: Path, name: str, reason: str, error: Exception | None = None) -> None:
+    """Record the model as not logged (in the guard's summary, if that is still to come) and say so in one warning."""
+    guard._record("log_model", (), {"name": name})
+    if error is not None:
+        guard.consecutive_failures += 1
+        guard.first_error = guard.first_error or reason
+    logger.warning(
+        f"MLflow: the best model {path} was not logged to {guard.uri} ({reason}). {path} is complete; log it later "
+        "with mlflow.pytorch.log_model."
+    )
+
+
+@contextlib.contextmanager
+def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``mlflow.start_run``, ``mlflow.pytorch.log_model``) on ``uri`` for a while; then the
+    tracking URI it had, and ``MLFLOW_TRACKING_URI`` as it was (``mlflow.set_tracking_uri`` also sets it)."""
+    import mlflow
+
+    environment = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if environment is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = environment
 
 
 def _log_model(
@@ -433,9 +455,7 @@ def _log_model(
         model_metadata["settings"] = {k: v for k, v in settings.items() if not str(k).startswith("_")}
     model_metadata["source"] = path.name
     status = guard.get_run(run_id).info.status
-    previous_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(guard.uri)  # the handler's store (MLFLOW_TRACKING_URI, or the config's tracking_uri)
-    try:
+    with _fluent_tracking_uri(guard.uri):  # the handler's store (MLFLOW_TRACKING_URI, or the config's tracking_uri)
         mlflow.start_run(run_id=run_id)  # the fluent API puts a model into the active run's experiment
         try:
             mlflow.pytorch.log_model(
@@ -450,6 +470,4 @@ def _log_model(
             mlflow.end_run(status=status if status != "RUNNING" else "FINISHED")
             if status == "RUNNING":
                 guard.update_run(run_id, status="RUNNING")
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
     return f"runs:/{run_id}/{name}"

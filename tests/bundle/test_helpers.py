@@ -18,6 +18,7 @@ from monai_adv.bundle import (
     KeepPreviousDiskSaver,
     TrainingRun,
     latest_checkpoint,
+    log_best_model,
     prepare_mlflow_handlers,
 )
 
@@ -183,6 +184,85 @@ def test_mlflow_handlers_get_the_params_and_a_finished_run_is_reopened_on_resume
     assert client.get_run(run.info.run_id).info.status == "FINISHED", "a fresh training must not reopen runs"
     prepare_mlflow_handlers([handler], resume=True)
     assert client.get_run(run.info.run_id).info.status == "RUNNING"
+
+
+def _closed_mlflow_run(tmp_path):
+    """A guarded MLFlowHandler (as the bundle prepares it) whose run a one-epoch engine started and closed."""
+    from monai.handlers import MLFlowHandler
+    from monai.utils import path_to_sqlite_uri
+
+    uri = path_to_sqlite_uri(str(tmp_path / "mlruns.db"))
+    handler = MLFlowHandler(tracking_uri=uri, experiment_name="exp", run_name="run_a", iteration_log=False,
+                            close_on_complete=True)  # fmt: skip
+    prepare_mlflow_handlers([handler])
+    engine = Engine(lambda engine, batch: None)
+    handler.attach(engine)
+    engine.run([0], max_epochs=1)
+    assert handler.cur_run is None  # closed as the bundle's trainer handler is, before finalize
+    return handler, uri
+
+
+def _tiny_unet(features=(4, 4, 4, 4, 4, 4)):
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(0)
+    return BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=features).eval()
+
+
+def test_the_best_model_goes_into_the_closed_run_and_loads_back(tmp_path, monkeypatch):
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+    from monai.handlers import StatsHandler
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    handler, uri = _closed_mlflow_run(tmp_path)
+    best, last = _tiny_unet(), _tiny_unet()
+    torch.save(best.state_dict(), tmp_path / "model.pt")
+    with torch.no_grad():  # the network at the end of training differs from the best one
+        for parameter in last.parameters():
+            parameter.add_(1.0)
+    metadata = {"name": "bundle", "version": "0.2.0", "changelog": {"0.2.0": "long"}, "network_data_format": {}}
+    settings = {"_desc_": "comment", "features": [4, 4, 4, 4, 4, 4]}
+    model_uri = log_best_model([StatsHandler(), handler], last, tmp_path / "model.pt", (1, 1, 32, 32), metadata,
+                               settings)  # fmt: skip
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("exp").experiment_id])[0]
+    assert model_uri == f"runs:/{run.info.run_id}/model" and run.info.status == "FINISHED"
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the fluent API's URI is given back
+    mlflow.set_tracking_uri(uri)
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+        loaded = mlflow.pytorch.load_model(model_uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert [spec.shape for spec in info.signature.inputs.inputs] == [(-1, 1, 32, 32)]
+    assert [spec.shape for spec in info.signature.outputs.inputs] == [(-1, 2, 32, 32)]
+    assert info.metadata == {"name": "bundle", "version": "0.2.0", "network_data_format": {},
+                             "settings": {"features": [4, 4, 4, 4, 4, 4]}, "source": "model.pt"}  # fmt: skip
+    images = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), best(images), rtol=0, atol=0)
+
+
+def test_no_best_model_no_mlflow_or_a_failure_logs_no_model(tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+    from monai.handlers import StatsHandler
+
+    handler, uri = _closed_mlflow_run(tmp_path)
+    network = _tiny_unet()
+    assert log_best_model([handler], network, tmp_path / "model.pt", (1, 1, 32, 32)) is None  # no best model saved
+    torch.save(_tiny_unet((8, 8, 8, 8, 8, 8)).state_dict(), tmp_path / "model.pt")
+    assert log_best_model([StatsHandler()], network, tmp_path / "model.pt", (1, 1, 32, 32)) is None  # no MLflow
+    with caplog.at_level("WARNING", logger="monai_adv.bundle.tracking"):
+        assert log_best_model([handler], network, tmp_path / "model.pt", (1, 1, 32, 32)) is None  # does not fit
+    assert f"MLflow: the best model {tmp_path}/model.pt was not logged to {uri} (RuntimeError: Error(s) in loading " \
+           "state_dict" in caplog.text  # fmt: skip
+    assert handler.client.failed_calls == {"log_model": 1}
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("exp")
+    assert not client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert client.search_runs([experiment.experiment_id])[0].info.status == "FINISHED"
 
 
 def test_a_checkpoint_that_cannot_be_written_is_named(tmp_path):

@@ -99,6 +99,9 @@ def test_a_server_that_dies_mid_run_leaves_training_and_checkpoints_going(bundle
     assert "train_loss (steps" in trainer and "train_epoch_loss (steps 1-3, 3 values)" in trainer, trainer
     assert "the run's end (it stays RUNNING on the server)" in trainer
     assert "val_mean_iou (steps 1-3, 3 values)" in validator, validator
+    # the best model is not sent to the server given up on: a warning, and model.pt stays (listed above)
+    assert f"MLflow: the best model {root}/models/model.pt was not logged to {mlflow_server.url} (the server " \
+           "stopped answering earlier in this training)." in output, output[-6000:]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -116,5 +119,34 @@ def test_a_deleted_experiment_of_the_same_name_is_refused_at_start(bundle, tmp_p
     assert last.startswith(f"{PREFIX}the MLflow experiment '{bundle.experiment}' at {uri} is deleted"), run.describe()
     assert f"mlflow experiments restore --experiment-id {experiment_id}" in last and "--experiment_name" in last
     assert "Cannot set a deleted experiment" not in run.output
+    assert not (root / "data").exists(), "the data was generated (and cached) before the refusal"
     client.restore_experiment(experiment_id)
     bundle.train(root, {"adv#method": "none", "max_epochs": 1}, tracking="mlflow")  # trains once restored
+
+
+@pytest.mark.slow
+def test_a_deleted_experiment_named_on_the_command_line_is_refused_before_the_data(bundle, tmp_path):
+    """``--tracking_uri`` and ``--experiment_name`` (the config's, no MLFLOW_TRACKING_URI): refused before the data
+    is generated or cached, before the lock is taken and before the previous training's files are put aside."""
+    from mlflow.tracking import MlflowClient
+    from monai.utils import path_to_sqlite_uri
+
+    root = tmp_path / "root"
+    (root / "models").mkdir(parents=True)
+    for name in ("checkpoint_epoch=2.pt", "model.pt"):  # a previous training's files (a fresh one puts them aside)
+        (root / "models" / name).write_bytes(b"previous")
+    before = sorted(p.name for p in (root / "models").iterdir())
+    uri = path_to_sqlite_uri(str(tmp_path / "elsewhere" / "store.db"))
+    (tmp_path / "elsewhere").mkdir()
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("renamed")
+    client.delete_experiment(experiment_id)
+    run = bundle.train(root, {"adv#method": "none", "tracking_uri": uri, "experiment_name": "renamed"},
+                       tracking="mlflow", expect_success=False)  # fmt: skip
+    last = run.output.strip().splitlines()[-1]
+    assert last.startswith(f"{PREFIX}the MLflow experiment 'renamed' at {uri} is deleted (id {experiment_id}"), \
+        run.describe()  # fmt: skip
+    assert f"MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {experiment_id}" in last
+    assert not (root / "data").exists(), "the data was generated (and cached) before the refusal"
+    assert sorted(p.name for p in (root / "models").iterdir()) == before  # no lock, nothing put aside
+    assert not (root / "eval" / "mlruns.db").exists()  # the config's store, not the default one

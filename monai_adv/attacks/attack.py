@@ -125,13 +125,15 @@ class _Run:
         return per_image_iou(logits, self.target_for(logits))
 
     def project(self, x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        if not self.spec.project:  # N-FGSM: only the value bounds
+            return x if self.bounds is None else torch.maximum(torch.minimum(x, self.bounds[1]), self.bounds[0])
         return project_and_clamp(x, self.images, radius, self.bounds)
 
     def random_start(self, radius: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         # u * 2r - r with u ~ U[0, 1): the same draw as torch's uniform_(-r, r), so that a peer implementation
         # seeded alike starts at the same point
         noise = torch.rand(self.images.shape, generator=generator, device=self.images.device, dtype=self.images.dtype)
-        r = _per_sample(radius, self.images.ndim)
+        r = _per_sample(radius * self.spec.start_radius, self.images.ndim)
         return self.project(self.images + (noise * (2 * r) - r), radius)
 
 
@@ -150,6 +152,8 @@ class _Best:
 
 def _sign_stage(run: _Run, x, radius, steps, first_step, total_steps, best, final):
     step = torch.full_like(radius, run.spec.step_size) if run.spec.step_size is not None else None
+    if run.spec.relative_step is not None:
+        step = run.eps * run.spec.relative_step  # of epsilon, not of this stage's radius
     if step is None:
         step = radius if steps == 1 and total_steps == 1 else radius * (2.5 / steps)
     for index in range(steps):

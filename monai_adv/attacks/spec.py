@@ -55,6 +55,12 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def _positive_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"attack option {name} must be a positive number, got {value!r}.")
+    return float(value)
+
+
 def _as_bool(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -99,7 +105,13 @@ class AttackSpec:
         num_steps: gradient steps (1: the single-step method). With ``radii`` they are split over the stages.
         step_size: size of a ``"sign"`` step; default ``epsilon`` for one step, else ``2.5 * epsilon / num_steps``.
             APGD chooses its own (``2 * epsilon``, halved when progress stalls).
-        random_start: start from a uniform random point of the epsilon ball.
+        random_start: start from a uniform random point of the epsilon ball (of ``start_radius * epsilon``).
+        start_radius: the random start's radius as a multiple of ``epsilon``; above 1 (N-FGSM's noise
+            U(-2ε, 2ε) is 2.0) it needs ``project=False``, else the start would be projected back.
+        relative_step: a ``"sign"`` step of ``relative_step * epsilon`` (FGSM-RS's 1.25, N-FGSM's 1.0); it follows
+            a per-sample or scheduled epsilon, unlike ``step_size``. At most one of the two.
+        project: project the iterates onto the epsilon ball (PGD). False keeps only the value bounds: N-FGSM's
+            perturbation (noise plus one step) may reach ``(start_radius + relative_step) * epsilon``.
         schedule: ``"sign"`` or ``"apgd"``.
         loss: None (the loss function given to the attack) or one of ``ce``, ``dice``, ``segpgd``, ``cospgd``,
             ``js``, ``masked_ce``, ``balanced_ce``.
@@ -124,6 +136,9 @@ class AttackSpec:
     num_steps: int = 1
     step_size: float | None = None
     random_start: bool = False
+    start_radius: float = 1.0
+    relative_step: float | None = None
+    project: bool = True
     schedule: Literal["sign", "apgd"] = "sign"
     loss: str | None = None
     radii: tuple[float, ...] = (1.0,)
@@ -147,6 +162,20 @@ class AttackSpec:
                 raise ValueError(f"attack option step_size must be a positive number or None, got {self.step_size!r}.")
             put(self, "step_size", float(self.step_size))
         put(self, "random_start", _as_bool("random_start", self.random_start))
+        put(self, "start_radius", _positive_real("start_radius", self.start_radius))
+        if self.relative_step is not None:
+            put(self, "relative_step", _positive_real("relative_step", self.relative_step))
+            if self.step_size is not None:
+                raise ValueError(
+                    f"attack options step_size={self.step_size!r} and relative_step={self.relative_step!r} both set "
+                    "the step: give one."
+                )
+        put(self, "project", _as_bool("project", self.project))
+        if self.start_radius > 1.0 and self.project:
+            raise ValueError(
+                f"attack option start_radius={self.start_radius:g} is outside the epsilon ball, and project=True "
+                "would project the start back onto it: set project=False (N-FGSM) or start_radius <= 1."
+            )
         put(self, "schedule", _choice("schedule", self.schedule, SCHEDULES))
         if self.loss is not None:
             put(self, "loss", _choice("loss", self.loss, ATTACK_LOSSES))
@@ -177,6 +206,8 @@ class AttackSpec:
         put(self, "network_mode", _choice("network_mode", self.network_mode, NETWORK_MODES))
         put(self, "amp", _as_bool("amp", self.amp))
         put(self, "on_zero_gradient", _choice("on_zero_gradient", self.on_zero_gradient, ZERO_GRADIENT_ACTIONS))
+        if self.schedule == "apgd" and not self.project:
+            raise ValueError("attack option project=False is for signed steps (N-FGSM); APGD works in the ball.")
         if self.schedule == "apgd" and self.loss is None:
             raise ValueError(
                 "attack option schedule='apgd' needs a per-image loss: give loss (e.g. 'ce', 'js', 'masked_ce')."
@@ -239,4 +270,6 @@ class AttackSpec:
         """The ``"sign"`` step size at this epsilon (see ``step_size``)."""
         if self.step_size is not None:
             return self.step_size
+        if self.relative_step is not None:
+            return self.relative_step * epsilon
         return epsilon if self.num_steps == 1 else 2.5 * epsilon / self.num_steps

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import logging
 import numbers
 import warnings
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from monai.data.meta_tensor import MetaTensor
-from monai.engines.utils import IterationEvents
 from monai.transforms.transform import Randomizable
 from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
 from torch import nn
 
-from monai_adv.attacks import LossFunction, input_gradient, preserved_network_state, unwrap_network
+from monai_adv.attacks import LossFunction
+from monai_adv.engines.adversarial_step import AdversarialMethod, AdversarialTrainingStep, StepPlan
+from monai_adv.engines.recipes import TrainingRecipe
 from monai_adv.transforms.dictionary import GradientSignd
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -28,8 +29,6 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
 __all__ = ["AdversarialAugmentationHandler", "EpochMean"]
-
-_MODES = ("append", "replace")
 
 
 class EpochMean(Metric):  # type: ignore[misc, valid-type]
@@ -84,161 +83,141 @@ class EpochMean(Metric):  # type: ignore[misc, valid-type]
         )
 
 
-def _repeat_per_sample(value: Any, size: int, times: int) -> Any:
-    """Repeat the per-sample entries (lists and tensors of length ``size``, also inside dicts) ``times`` times."""
-    if isinstance(value, dict):
-        return {k: _repeat_per_sample(v, size, times) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and len(value) == size:
-        return type(value)(list(value) * times) if isinstance(value, list) else tuple(value) * times
-    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == size:
-        return torch.cat([value] * times)
-    return value
-
-
-def _concat(parts: list[Any], size: int) -> Any:
-    """Stack per-sample entries of several batches; repeat per-sample metadata; leave other entries as in the first."""
-    first = parts[0]
-    if isinstance(first, torch.Tensor) and first.ndim > 0 and first.shape[0] == size:
-        out = torch.cat([torch.as_tensor(p).to(first.device) for p in parts], dim=0)
-        if isinstance(first, MetaTensor) and isinstance(out, MetaTensor) and first.is_batch:
-            # torch.cat keeps the first batch's metadata: repeat its per-sample entries (file names, ...)
-            out.meta = _repeat_per_sample(dict(first.meta), size, len(parts))
-            out.applied_operations = _repeat_per_sample(list(first.applied_operations), size, len(parts))
-            out.is_batch = True
-        return out
-    if isinstance(first, (list, dict)):
-        return _repeat_per_sample(first, size, len(parts))
-    return first
-
-
 class AdversarialAugmentationHandler(Randomizable):
-    """Train on FGSM / Inverse FGSM copies of each batch, made by the trainer's own network.
+    """Train on adversarial copies of each batch, made by the trainer's own network: the user's entry point.
 
-    Attached to a :class:`monai.engines.SupervisedTrainer`, each of ``transform`` (batched
-    dictionary transforms such as :class:`monai_adv.transforms.FGSMd`) perturbs the batch with the
-    current network and loss:
+    The handler holds the settings and the statistics; the training step itself has one owner, an
+    :class:`~monai_adv.engines.AdversarialTrainingStep` (:attr:`iteration_update`). Two ways to use it:
 
-    - ``mode="append"``: the model trains on the batch and its adversarial copies (the paper's
-      "data doubled"; with both FGSM and InvFGSM, tripled).
-    - ``mode="replace"``: a random ``replace_fraction`` of the samples is replaced by adversarial
-      versions (split among the transforms); the batch size is unchanged.
+    - **The step owns the iteration** (the bundle, and what to do in your own trainer)::
 
-    **Fused append (``fused=True``, the default).** The copies are built from the input gradient of
-    the training step's own backward pass, so no separate attack pass runs: at ``ITERATION_STARTED``
-    the image tensor is made to require grad; at ``IterationEvents.LOSS_COMPLETED`` the clean loss is
-    weighted ``1 / (1 + k)`` (``k`` copies); at ``IterationEvents.BACKWARD_COMPLETED`` (before the
-    optimizer step) the copies ``clip(x ± epsilon * sign(grad_x))`` go through the network, one
-    forward and backward pass per copy (so memory stays that of a plain step), and their losses,
-    weighted ``1 / (1 + k)`` each, are backpropagated into the same parameter gradients (divided by
-    ``accumulation_steps`` and scaled by ``engine.scaler``, as the trainer does). For a loss that
-    averages over samples and a network whose samples do not interact (instance norm, no BatchNorm),
-    that is the same parameter update as one step on the concatenated batch, with the attack taken
-    **at the weights before this step's update, in train mode** (the trainer's forward pass); FGSM
-    and InvFGSM share the one gradient. ``engine.state.output["loss"]`` is the concatenated batch's
-    loss; its image, label and prediction are the clean batch's; :attr:`adversarial` holds the copies.
-    For networks whose train and eval modes differ (dropout; BatchNorm, whose batch statistics also
-    mix samples), the gradient is the train-mode one and BatchNorm sees the clean batch and each copy
-    as separate batches: ``fused=False`` attacks in the transform's ``network_mode`` and trains on the
-    concatenated batch instead (a warning at the start says so). Fusing applies to single-step
-    transforms on the trainer's ``"image"``/``"label"`` keys that attack the trainer's own network
-    and loss; otherwise (iterative or random-start transforms, other keys, another network or loss,
-    ``mode="replace"``) the handler uses separate attack passes.
+          handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=0.03, batched=True))
+          trainer = SupervisedTrainer(..., iteration_update=handler.iteration_update, train_handlers=[handler])
 
-    **Separate passes (``fused=False``, and ``mode="replace"``).** At ``ITERATION_STARTED`` (the
-    pattern of :class:`monai.apps.deepgrow.interaction.Interaction`) the batch is moved to
-    ``engine.state.device``, attacked at the current weights in each transform's ``network_mode``
-    (``"eval"`` by default), and ``engine.state.batch`` is rewritten: in append mode the copies are
-    concatenated (labels and per-sample entries, metadata included, are repeated), in replace mode the
-    chosen samples are swapped. Single-step transforms on the same keys share one input-gradient pass.
-    Only the input gradient is taken (no parameter gradients), and a ``DistributedDataParallel``
-    network is attacked through its inner module.
+      Every recipe works, and single-step append copies are *fused*: built from the input gradient of the clean
+      backward pass, one more forward and backward pass per copy (see :mod:`monai_adv.engines.adversarial_step`).
+    - **A trainer that runs its own iteration** (the handler only attached): at ``ITERATION_STARTED`` the batch
+      is attacked and ``engine.state.batch`` rewritten (copies appended, or samples replaced), and the trainer
+      trains on it: attack, then concatenate, in separate passes. Recipes that change the loss (weights, the
+      consistency term) or the step (``free``) need the step and are refused at the start, saying so.
 
-    Each epoch it records means in ``engine.state.metrics`` (Ignite metrics, written at the epoch's
-    last iteration): ``adv_samples`` (adversarial samples per batch), ``adv_epsilon``,
-    ``adv_loss_clean`` and the loss on each method's copies (``adv_loss_fgsm``, ``adv_loss_invfgsm``),
-    which the fused mode gets for free and the separate mode measures only for transforms built with
-    ``return_loss_after=True``. :attr:`params` gives the settings for experiment tracking.
+    What runs (``adv_step``: ``fused``, ``separate``, ``free`` or ``plain``, and ``adv_step_reason``) is decided
+    when the trainer starts, logged, and in :attr:`params` (for experiment tracking) once the handler is attached
+    to a trainer that has its network.
+
+    Each epoch it records means in ``engine.state.metrics`` (written at the epoch's last iteration):
+    ``adv_samples`` (adversarial samples per batch), ``adv_epsilon``, ``adv_loss_clean``, each method's
+    ``adv_loss_<method>`` (in a trainer's own iteration, only for transforms built with
+    ``return_loss_after=True``) and, with a consistency term, ``adv_loss_consistency``.
 
     Args:
-        transform: one batched dictionary transform (``FGSMd``/``InvFGSMd``, ``batched=True``)
-            or a sequence of them.
-        mode: ``"append"`` or ``"replace"``.
-        replace_fraction: fraction of each batch replaced in ``"replace"`` mode.
-        start_epoch: first epoch (1-based, an integer) to augment; earlier epochs train on clean data,
-            as the paper attacks an already trained model.
-        enabled: switch; when False the handler returns at once and the batch is untouched.
-            It may be flipped at any time.
-        network: network to attack; default the trainer's ``engine.network``. Only used for
-            transforms that have none.
-        loss_function: loss to follow; default the trainer's ``engine.loss_function``. Only used
-            for transforms that have none.
-        fused: build append-mode copies from the training step's own backward pass (see above);
-            False restores separate attack passes and a concatenated batch.
+        transform: one batched dictionary transform (``FGSMd``/``InvFGSMd``, ``batched=True``) or a sequence of
+            them: their attack specs, ``prob`` and keys say what copies to make (the handler does not call them
+            or write into them).
+        mode: ``"append"``, ``"replace"`` or ``"free"``; default the recipe's (``"append"``).
+        replace_fraction: fraction of each batch replaced in ``"replace"`` mode; default the recipe's (0.5).
+        start_epoch: first epoch (from 1) to augment; default the recipe's (1).
+        enabled: switch; when False the step is the plain one. It may be flipped at any time.
+        network: network to attack; default the transforms' or the trainer's.
+        loss_function: loss the attack follows; default the transforms' or the trainer's.
+        fused: allow the fused step; False always attacks in a separate pass.
+        recipe: a :class:`~monai_adv.engines.TrainingRecipe` or a mapping of its options (loss weights, the
+            consistency term, epsilon warm-up and random epsilon); ``mode``, ``replace_fraction`` and
+            ``start_epoch``, when given, replace its fields.
+        store_device: where the free mode keeps its perturbations (default: the images' device).
 
     Raises:
-        TypeError: when ``transform`` holds anything but :class:`GradientSignd` transforms (an
-            array transform such as ``FGSM`` is named, with the dictionary form to use).
-        ValueError: for an unknown mode, a fraction outside (0, 1], a ``start_epoch`` that is not an
-            integer >= 1, or a transform not constructed with ``batched=True``.
+        TypeError: when ``transform`` holds anything but :class:`GradientSignd` transforms (an array transform such
+            as ``FGSM`` is named, with the dictionary form to use).
+        ValueError: for a bad recipe option, a transform not constructed with ``batched=True``, or transforms with
+            different networks, losses or keys.
     """
 
     def __init__(
         self,
         transform: GradientSignd | Sequence[GradientSignd],
-        mode: str = "append",
-        replace_fraction: float = 0.5,
-        start_epoch: int = 1,
+        mode: str | None = None,
+        replace_fraction: float | None = None,
+        start_epoch: int | None = None,
         enabled: bool = True,
         network: nn.Module | None = None,
         loss_function: LossFunction | None = None,
         fused: bool = True,
+        recipe: TrainingRecipe | Mapping[str, Any] | None = None,
+        store_device: str | torch.device | None = None,
     ) -> None:
-        if isinstance(transform, GradientSignd):
-            transforms = [transform]
-        elif isinstance(transform, Sequence) and not isinstance(transform, str):
-            transforms = list(transform)
-        else:
-            transforms = [transform]  # type: ignore[list-item]
-        for t in transforms:
-            if not isinstance(t, GradientSignd):
-                hint = ""
-                if hasattr(t, "direction") and hasattr(t, "from_gradient"):  # an array transform
-                    hint = f" ({type(t).__name__} is an array transform: use {type(t).__name__}d(keys='image', batched=True))"
-                raise TypeError(
-                    "transform must be FGSMd/InvFGSMd (GradientSignd) or a sequence of them, got "
-                    f"{type(t).__name__}{hint}."
-                )
-            if not t.batched:
-                raise ValueError(
-                    f"{type(t).__name__}(keys={list(t.keys)}) must be constructed with batched=True to work on "
-                    "the collated training batches the handler sees."
-                )
+        transforms = _as_transforms(transform)
         if enabled and not transforms:
             raise ValueError("transform is empty: give at least one FGSMd/InvFGSMd, or set enabled=False.")
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
-        if not 0.0 < float(replace_fraction) <= 1.0:
-            raise ValueError(f"replace_fraction must be in (0, 1], got {replace_fraction!r}.")
-        if isinstance(start_epoch, bool) or not isinstance(start_epoch, numbers.Integral) or start_epoch < 1:
+        if start_epoch is not None and (
+            isinstance(start_epoch, bool) or not isinstance(start_epoch, numbers.Integral) or start_epoch < 1
+        ):
             raise ValueError(f"start_epoch must be an integer >= 1 (epochs count from 1), got {start_epoch!r}.")
+        given = {"mode": mode, "replace_fraction": replace_fraction, "start_epoch": start_epoch}
+        self.recipe = TrainingRecipe.create(recipe, **{k: v for k, v in given.items() if v is not None})
         self.transforms = transforms
-        self.mode = mode
-        self.replace_fraction = float(replace_fraction)
-        self.start_epoch = int(start_epoch)
-        self.enabled = enabled
-        self.network = network
-        self.loss_function = loss_function
+        self.keys = _common(transforms, "keys", lambda t: (str(t.keys[0]), str(t.label_key)), (CommonKeys.IMAGE,
+                                                                                             CommonKeys.LABEL))  # fmt: skip
+        if any(len(t.keys) != 1 for t in transforms):
+            raise ValueError("each adversarial transform must perturb one image key (keys='image').")
+        self.network = network if network is not None else _common(transforms, "network", lambda t: t.network)
+        self.loss_function = (
+            loss_function
+            if loss_function is not None
+            else _common(transforms, "loss_function", lambda t: t.loss_function)
+        )
         self.fused = bool(fused)
-        self.adversarial: torch.Tensor | None = None
-        """The latest adversarial images (fused mode; detached), for inspection."""
-        self._can_fuse = False
-        self._fusable_engine = False
-        self._pending: dict[str, Any] | None = None  # the fused step under way
-        self._values: dict[str, torch.Tensor | float | None] = {}  # this iteration's metric values
+        self.step = AdversarialTrainingStep(
+            [AdversarialMethod(t.spec, t.method, float(t.prob), t.tracks_loss) for t in transforms],
+            self.recipe,
+            fused=self.fused,
+            network=self.network,
+            loss_function=self.loss_function,
+            store_device=store_device,
+            enabled=enabled,
+        )
+        self._engine: Engine | None = None
+        self._plan: StepPlan | None = None
+        self._owns_iteration = False
+        self.logger = logging.getLogger("monai_adv.AdversarialAugmentationHandler")
+
+    # ------------------------------------------------------------------------------------------------- settings
+
+    @property
+    def iteration_update(self) -> AdversarialTrainingStep:
+        """The training step, to pass as ``SupervisedTrainer(iteration_update=...)``."""
+        return self.step
+
+    @property
+    def enabled(self) -> bool:
+        """The switch (read by the step at every iteration)."""
+        return bool(self.step.enabled)
+
+    @enabled.setter
+    def enabled(self, enabled: bool) -> None:
+        self.step.enabled = bool(enabled)
+
+    @property
+    def mode(self) -> str:
+        return self.recipe.mode
+
+    @property
+    def replace_fraction(self) -> float:
+        return self.recipe.replace_fraction
+
+    @property
+    def start_epoch(self) -> int:
+        return self.recipe.start_epoch
+
+    @property
+    def adversarial(self) -> torch.Tensor | None:
+        """The latest adversarial images (detached), for inspection."""
+        return self.step.adversarial
 
     @property
     def params(self) -> dict[str, Any]:
-        """The adversarial settings, flat (``adv_*``), for experiment tracking."""
+        """The adversarial settings, flat (``adv_*``), for experiment tracking; with ``adv_step`` and
+        ``adv_step_reason`` (what runs) once attached to a trainer that has its network."""
         if not self.enabled or not self.transforms:
             return {"adv_method": "none"}
         first = self.transforms[0].params
@@ -250,88 +229,96 @@ class AdversarialAugmentationHandler(Randomizable):
             "adv_num_steps": first["num_steps"],
             "adv_prob": first["prob"],
             "adv_clamp": first["clamp"],
-            # What the settings allow; the engine may still rule fusing out (another network or loss).
-            "adv_fused": self.fused and self.mode == "append" and all(t.single_step for t in self.transforms),
         }
         if self.mode == "replace":
             params["adv_replace_fraction"] = self.replace_fraction
+        defaults = TrainingRecipe()
+        for name in ("clean_weight", "adversarial_weight", "consistency_weight", "epsilon_warmup_epochs",
+                     "random_epsilon"):  # fmt: skip
+            if getattr(self.recipe, name) != getattr(defaults, name):
+                params[f"adv_{name}"] = getattr(self.recipe, name)
+        plan = self._current_plan()
+        if plan is not None:
+            params["adv_step"] = plan.kind
+            params["adv_step_reason"] = plan.reason
+            params["adv_fused"] = plan.kind == "fused"
         return params
 
     @property
     def metric_names(self) -> list[str]:
         """The names this handler writes into ``engine.state.metrics``."""
-        return ["adv_samples", "adv_epsilon", "adv_loss_clean"] + [f"adv_loss_{t.method}" for t in self.transforms]
+        names = ["adv_samples", "adv_epsilon", "adv_loss_clean"] + [f"adv_loss_{t.method}" for t in self.transforms]
+        return names + (["adv_loss_consistency"] if self.recipe.consistency_weight else [])
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> Randomizable:
-        """Seed the choice of replaced samples and every transform."""
+        """Seed the step's choices (which copies, which samples are replaced, epsilon draws, random starts)."""
         super().set_random_state(seed, state)
-        for t in self.transforms:
-            t.set_random_state(seed, state)
+        self.step.set_random_state(int(self.R.randint(0, 2**31 - 1)))
         return self
+
+    # ------------------------------------------------------------------------------------------------- engine
 
     def attach(self, engine: Engine) -> None:
         """Register the event handlers and epoch metrics on ``engine`` (once, however often it is called)."""
         if engine.has_event_handler(self, Events.ITERATION_STARTED):
             return
+        self._engine = engine
         engine.add_event_handler(Events.STARTED, self._prepare)
         engine.add_event_handler(Events.ITERATION_STARTED, self)
-        try:  # MONAI's SupervisedTrainer registers these; a plain Ignite engine does not (then nothing is fused)
-            engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self._weight_clean_loss)
-            engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._add_adversarial_gradient)
-            self._fusable_engine = True
-        except ValueError:
-            self._fusable_engine = False
         for name in self.metric_names:
-            EpochMean(lambda name=name: self._values.get(name)).attach(engine, name, usage=EpochMean.usage())
+            EpochMean(lambda name=name: self.step.last_values.get(name)).attach(engine, name, usage=EpochMean.usage())
+
+    def _current_plan(self) -> StepPlan | None:
+        engine = self._engine
+        if engine is None or getattr(engine, "network", None) is None:
+            return self._plan
+        return self._decide(engine)
+
+    def _decide(self, engine: Engine) -> StepPlan:
+        # Ignite keeps the process function as _process_function; where it cannot be read the handler rewrites the
+        # batch and the step, seeing that, trains it plainly: correct either way.
+        self._owns_iteration = getattr(engine, "_process_function", None) is self.step
+        if self._owns_iteration:
+            return self.step.plan(engine)
+        needs_step = [
+            name
+            for name, value in (
+                ("mode='free'", self.recipe.mode == "free"),
+                ("clean_weight", self.recipe.clean_weight is not None),
+                ("adversarial_weight", self.recipe.adversarial_weight is not None),
+                ("consistency_weight", bool(self.recipe.consistency_weight)),
+            )
+            if value
+        ]
+        if needs_step and self.enabled:
+            raise ValueError(
+                f"the recipe's {', '.join(needs_step)} changes the training step, which this trainer runs itself: "
+                "build it with SupervisedTrainer(..., iteration_update=handler.iteration_update)."
+            )
+        return StepPlan(
+            "separate",
+            "attack, then the trainer trains on the rewritten batch (its own iteration; pass "
+            "iteration_update=handler.iteration_update to fuse)",
+        )
 
     def _prepare(self, engine: Engine) -> None:
-        """At ``STARTED`` (MONAI workflows attach handlers before they set their network), fill in
-        missing networks and losses from ``engine``, follow its AMP setting, decide whether to fuse.
+        """At ``STARTED``: decide what runs, log it, follow the trainer's AMP setting.
 
         Raises:
-            ValueError: when neither the transforms, the handler nor the engine give a network or loss.
+            ValueError: when no network or loss is known, or the recipe needs the step in a trainer that runs its
+                own iteration.
         """
-        engine_network = getattr(engine, "network", None)
-        engine_loss = getattr(engine, "loss_function", None)
-        network = self.network if self.network is not None else engine_network
-        loss_function = self.loss_function if self.loss_function is not None else engine_loss
-        for t in self.transforms:
-            if t.network is None:
-                t.network = network
-            if t.loss_function is None:
-                t.loss_function = loss_function
-            if t.network is None or t.loss_function is None:
-                raise ValueError(
-                    f"{type(t).__name__} has no network or loss_function, and the engine gives none: pass them to "
-                    "the transform or the handler."
-                )
-            if getattr(engine, "amp", False):
-                t.amp = True
-        self._can_fuse = (
-            self.fused
-            and self._fusable_engine
-            and self.mode == "append"
-            and engine_network is not None
-            and hasattr(engine, "optimizer")
-            and all(
-                t.single_step
-                and list(t.keys) == [CommonKeys.IMAGE]
-                and t.label_key == CommonKeys.LABEL
-                and unwrap_network(t.network) is unwrap_network(engine_network)  # DDP wrapper or its module
-                and t.loss_function is engine_loss
-                for t in self.transforms
-            )
-        )
-        if self._can_fuse and self.enabled:
-            mixing = [type(m).__name__ for m in engine_network.modules() if _modes_differ(m)]
-            if mixing:
-                warnings.warn(
-                    f"fused adversarial augmentation with a network that has {sorted(set(mixing))}: the attack "
-                    "gradient is the train-mode one of the training step (BatchNorm batch statistics, dropout "
-                    "masks), and the copies go through BatchNorm as a batch of their own. Pass fused=False to "
-                    "attack in the transform's network_mode and train on the concatenated batch.",
-                    stacklevel=2,
-                )
+        if self.network is None and getattr(engine, "network", None) is None:
+            raise ValueError("the adversarial transforms have no network, and the engine gives none.")
+        if self.loss_function is None and getattr(engine, "loss_function", None) is None:
+            raise ValueError("the adversarial transforms have no loss_function, and the engine gives none.")
+        if getattr(engine, "amp", False):
+            self.step.methods = [dataclasses.replace(m, spec=m.spec.replace(amp=True)) for m in self.step.methods]
+        self._plan = self._decide(engine)
+        if self.enabled and self.transforms:
+            self.logger.info("adversarial training step: %s (%s)", self._plan.kind, self._plan.reason)
+            for message in self._plan.warnings:
+                warnings.warn(message, stacklevel=2)
         max_epochs = getattr(engine.state, "max_epochs", None)
         if self.enabled and self.transforms and max_epochs is not None and self.start_epoch > max_epochs:
             warnings.warn(
@@ -340,20 +327,18 @@ class AdversarialAugmentationHandler(Randomizable):
                 stacklevel=2,
             )
 
-    def _active(self, engine: Engine) -> bool:
-        return self.enabled and bool(self.transforms) and engine.state.epoch >= self.start_epoch
-
     def __call__(self, engine: Engine) -> None:
-        """At ``ITERATION_STARTED``: prepare the fused step, or rewrite ``engine.state.batch`` (separate passes).
+        """At ``ITERATION_STARTED``: in a trainer that runs its own iteration, rewrite ``engine.state.batch``.
 
         Raises:
             TypeError: when the batch is not a dictionary.
-            KeyError: when the batch lacks an image or label key of a transform.
+            KeyError: when the batch lacks the image or label key.
             ValueError: when the batch holds no samples.
         """
-        self._values = {}
-        self._pending = None
-        if not self._active(engine):
+        if self._owns_iteration:
+            return
+        self.step.last_values = {}
+        if not self.step.active(int(engine.state.epoch)):
             return
         batch = engine.state.batch
         if not isinstance(batch, dict):
@@ -361,199 +346,62 @@ class AdversarialAugmentationHandler(Randomizable):
                 f"{type(self).__name__} needs dictionary batches (e.g. from LoadImaged pipelines), got "
                 f"{type(batch).__name__}."
             )
-        needed = {key for t in self.transforms for key in (*t.keys, t.label_key)}
-        missing = sorted(str(key) for key in needed if key not in batch)
+        missing = sorted(str(key) for key in self.keys if key not in batch)
         if missing:
             raise KeyError(
                 f"batch has no key(s) {missing} needed by the adversarial transforms (has {sorted(map(str, batch))})."
             )
-        size = int(batch[next(iter(sorted(needed, key=str)))].shape[0])
-        if size == 0:
+        if int(batch[self.keys[0]].shape[0]) == 0:
             raise ValueError(
                 f"the training batch holds no samples (keys {sorted(map(str, batch))}): nothing to train on."
             )
         device = getattr(engine.state, "device", None)
         non_blocking = bool(getattr(engine, "non_blocking", False))
         batch = dict(batch)
-        for key in needed:
+        for key in self.keys:
             if device is not None and isinstance(batch[key], torch.Tensor):
                 batch[key] = batch[key].to(device, non_blocking=non_blocking)
-        if self._can_fuse:
-            self._start_fused_step(engine, batch, size)
-            return
-        if self.mode == "append":
-            new_batch, added = self._append(batch, size)
-        else:
-            new_batch, added = self._replace(batch, size)
-        engine.state.batch = new_batch
-        self._record_separate(added)
+        engine.state.batch = self.step.augment_batch(engine, batch, self.keys)
 
-    # ------------------------------------------------------------------------------------------------ fused step
 
-    def _start_fused_step(self, engine: Engine, batch: dict[Hashable, Any], size: int) -> None:
-        for t in self.transforms:
-            t.randomize()
-        applied = [t for t in self.transforms if t.applied]
-        self._values["adv_samples"] = float(size * len(applied))
-        if not applied:
-            return
-        # A fresh leaf that requires grad: the trainer's backward fills its .grad alongside the parameters'.
-        image = batch[CommonKeys.IMAGE].detach().requires_grad_(True)
-        batch[CommonKeys.IMAGE] = image
-        engine.state.batch = batch
-        self._pending = {"image": image, "transforms": applied}
-
-    def _weight_clean_loss(self, engine: Engine) -> None:
-        """``LOSS_COMPLETED``: weight the clean half as in the concatenated batch (the trainer backpropagates this)."""
-        if self._pending is None:
-            return
-        loss = engine.state.output[CommonKeys.LOSS]
-        self._pending["loss_clean"] = loss.detach()
-        engine.state.output[CommonKeys.LOSS] = loss / (1 + len(self._pending["transforms"]))
-
-    def _add_adversarial_gradient(self, engine: Engine) -> None:
-        """``BACKWARD_COMPLETED``: build the copies from the input gradient and add their parameter gradient.
-
-        Raises:
-            RuntimeError: when the trainer's forward pass did not use ``batch["image"]`` (custom ``prepare_batch``).
-        """
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        image: torch.Tensor = pending["image"]
-        transforms: list[GradientSignd] = pending["transforms"]
-        gradient = image.grad
-        if gradient is None:
-            raise RuntimeError(
-                "the training step's backward gave no gradient for batch['image']: the trainer's prepare_batch or "
-                "inferer does not feed it to the network differentiably. Use fused=False."
-            )
-        scaler = getattr(engine, "scaler", None)
-        use_scaler = bool(getattr(engine, "amp", False)) and scaler is not None
-        clean = image.detach()
-        if isinstance(clean, MetaTensor):
-            clean = clean.as_tensor()
-        gradient = gradient.as_tensor() if isinstance(gradient, MetaTensor) else gradient
-        # the one host-device sync of the step; the scaler skips overflowing steps itself
-        transforms[0].check_gradient(clean, gradient, check_finite=not (use_scaler and scaler.is_enabled()))
-        copies = [
-            t.perturb_with_gradient({t.keys[0]: clean}, {t.keys[0]: gradient}, randomize=False, validate=False)[
-                t.keys[0]
-            ]
-            for t in transforms
-        ]
-        labels = engine.state.output[CommonKeys.LABEL]
-        k = len(copies)
-        acc = int(getattr(engine, "accumulation_steps", 1) or 1)
-        adversarial_loss = torch.zeros((), device=clean.device)
-        losses = []
-        for adversarial in copies:
-            # One forward/backward per copy: the same gradient as one pass over all copies (samples do not
-            # interact), at the memory of a plain step; the same autocast as the trainer's forward
-            # (SupervisedTrainer autocasts on CUDA only).
-            with torch.autocast("cuda", **engine.amp_kwargs) if use_scaler else contextlib.nullcontext():
-                loss = engine.loss_function(engine.inferer(adversarial, engine.network), labels).mean()
-            # each copy weighs 1 / (1 + k), as its samples would in the mean over the concatenated batch
-            weighted = loss / (1 + k)
-            scaled = weighted / acc if acc > 1 else weighted
-            (scaler.scale(scaled) if use_scaler else scaled).backward()
-            losses.append(loss.detach())
-            adversarial_loss = adversarial_loss + weighted.detach()
-        engine.state.output[CommonKeys.LOSS] = (engine.state.output[CommonKeys.LOSS] + adversarial_loss).detach()
-        engine.state.output[CommonKeys.IMAGE] = image.detach()  # keeps its metadata; no longer requires grad
-        image.grad = None
-        self.adversarial = torch.cat(copies) if k > 1 else copies[0]
-        self._values["adv_loss_clean"] = pending["loss_clean"]
-        self._values["adv_epsilon"] = torch.stack([t.last_stats["epsilon"] for t in transforms]).mean()
-        for t, loss in zip(transforms, losses):
-            self._values[f"adv_loss_{t.method}"] = loss
-
-    # -------------------------------------------------------------------------------------------- separate passes
-
-    def _shared_gradient(self, batch: dict[Hashable, Any]) -> dict[Hashable, torch.Tensor] | None:
-        """One input-gradient pass for all transforms, where they can share it (single step, same keys and mode)."""
-        first = self.transforms[0]
-        shareable = len(self.transforms) > 1 and all(
-            t.single_step
-            and list(t.keys) == list(first.keys)
-            and t.label_key == first.label_key
-            and t.network is first.network
-            and t.loss_function is first.loss_function
-            and t.network_mode == first.network_mode
-            and not t.tracks_loss
-            for t in self.transforms
-        )
-        if not shareable:
-            return None
-        module = unwrap_network(first.network)  # type: ignore[arg-type]
-        gradients = {}
-        with preserved_network_state(module, first.network_mode):
-            for key in first.key_iterator(batch):
-                images = torch.as_tensor(batch[key])
-                gradient, loss = input_gradient(
-                    module, first.loss_function, images, torch.as_tensor(batch[first.label_key]), amp=first.amp
+def _as_transforms(transform: Any) -> list[GradientSignd]:
+    if isinstance(transform, GradientSignd):
+        transforms = [transform]
+    elif isinstance(transform, Sequence) and not isinstance(transform, str):
+        transforms = list(transform)
+    else:
+        transforms = [transform]
+    for t in transforms:
+        if not isinstance(t, GradientSignd):
+            hint = ""
+            if hasattr(t, "direction") and hasattr(t, "from_gradient"):  # an array transform
+                hint = (
+                    f" ({type(t).__name__} is an array transform: use {type(t).__name__}d(keys='image', batched=True))"
                 )
-                gradients[key] = gradient
-                self._values.setdefault("adv_loss_clean", loss)
-        return gradients
-
-    def _append(self, batch: dict[Hashable, Any], size: int) -> tuple[dict[Hashable, Any], int]:
-        gradients = self._shared_gradient(batch)
-        copies = []
-        for t in self.transforms:
-            copy = t(batch) if gradients is None else t.perturb_with_gradient(batch, gradients)
-            if t.applied:  # skipped by its prob: no clean duplicate
-                copies.append(copy)
-        new_batch = {key: _concat([batch[key]] + [c[key] for c in copies], size) for key in batch}
-        return new_batch, size * len(copies)
-
-    def _replace(self, batch: dict[Hashable, Any], size: int) -> tuple[dict[Hashable, Any], int]:
-        count = max(1, round(self.replace_fraction * size))
-        chosen = self.R.permutation(size)[:count]
-        new_batch = dict(batch)
-        replaced = 0
-        for t, indices in zip(self.transforms, np.array_split(chosen, len(self.transforms))):
-            if len(indices) == 0:
-                continue
-            index = torch.as_tensor(indices, dtype=torch.long)
-            keys = (*t.keys, t.label_key)
-            subset = {key: batch[key][index.to(batch[key].device)] for key in keys}
-            perturbed = t(subset)
-            if not t.applied:  # skipped by its prob: these samples stay clean
-                continue
-            replaced += len(indices)
-            for key in t.keys:
-                updated = new_batch[key].clone()  # never write into the loader's tensors
-                updated[index.to(updated.device)] = perturbed[key].to(updated.dtype)
-                new_batch[key] = updated
-        return new_batch, replaced
-
-    def _record_separate(self, added: int) -> None:
-        """This iteration's values from the transforms' stats (device tensors: read at the epoch's end)."""
-        self._values["adv_samples"] = float(added)
-        applied = [t for t in self.transforms if t.applied and t.last_stats]
-        if not applied:
-            return
-        epsilons = [t.last_stats["epsilon"] for t in applied]
-        self._values["adv_epsilon"] = torch.stack([e.to(epsilons[0]).float() for e in epsilons]).mean()
-        if applied[0].last_stats.get("loss_before") is not None:
-            self._values["adv_loss_clean"] = applied[0].last_stats["loss_before"]
-        for t in applied:
-            if t.last_stats.get("loss_after") is not None:
-                self._values[f"adv_loss_{t.method}"] = t.last_stats["loss_after"]
+            raise TypeError(
+                f"transform must be FGSMd/InvFGSMd (GradientSignd) or a sequence of them, got {type(t).__name__}{hint}."
+            )
+        if not t.batched:
+            raise ValueError(
+                f"{type(t).__name__}(keys={list(t.keys)}) must be constructed with batched=True to work on "
+                "the collated training batches the handler sees."
+            )
+    return transforms
 
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+def _common(
+    transforms: list[GradientSignd], what: str, get: Callable[[GradientSignd], Any], default: Any = None
+) -> Any:
+    """The one value of ``get`` the transforms share (None values aside), or ``default``.
 
-
-def _modes_differ(module: nn.Module) -> bool:
-    """Whether ``module`` computes differently in train and eval mode, or mixes the samples of a batch."""
-    if isinstance(module, _BATCH_NORMS):
-        return True
-    if isinstance(module, _INSTANCE_NORMS):
-        return bool(module.track_running_stats)
-    if isinstance(module, _DROPOUTS):
-        return module.p > 0
-    return False
+    Raises:
+        ValueError: when they differ (one step attacks with one network and loss, on one image and label key).
+    """
+    values = [get(t) for t in transforms if get(t) is not None]
+    if not values:
+        return default
+    if any(v is not values[0] and v != values[0] for v in values[1:]):
+        raise ValueError(
+            f"the adversarial transforms have different {what}: give them one (or none, for the trainer's)."
+        )
+    return values[0]

@@ -33,9 +33,13 @@ def items(make_square_data):
 def make_trainer(make_basic_unet, make_dicece):
     """A CPU SupervisedTrainer over ``items`` (not shuffled); SGD with ``lr=0`` by default keeps the weights fixed."""
 
-    def _make_trainer(items, network=None, batch_size=4, max_epochs=1, lr=0.0, accumulation_steps=1, optimizer=None):
+    def _make_trainer(
+        items, network=None, batch_size=4, max_epochs=1, lr=0.0, accumulation_steps=1, optimizer=None,
+        iteration_update=None,
+    ):  # fmt: skip
         network = network if network is not None else make_basic_unet()
         return SupervisedTrainer(
+            iteration_update=iteration_update,
             device=torch.device("cpu"),
             max_epochs=max_epochs,
             train_data_loader=DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=0),
@@ -287,7 +291,7 @@ def epoch_metrics_and_log(make_trainer):
     def _epoch_metrics_and_log(items, transform, max_epochs):
         """Run with ``transform``; per epoch: the metrics at its end and, per iteration, (samples added, stats)."""
         handler = AdversarialAugmentationHandler(transform, fused=False)
-        handler.set_random_state(seed=0)
+        handler.set_random_state(seed=2)
         before, after = BatchRecorder(), BatchRecorder()
         trainer = make_trainer(items, max_epochs=max_epochs)
         before.attach(trainer)
@@ -297,7 +301,10 @@ def epoch_metrics_and_log(make_trainer):
         trainer.add_event_handler(
             Events.ITERATION_COMPLETED,
             lambda e: log.setdefault(e.state.epoch, []).append(
-                (after.batches[-1]["image"].shape[0] - before.batches[-1]["image"].shape[0], dict(transform.last_stats))
+                (
+                    after.batches[-1]["image"].shape[0] - before.batches[-1]["image"].shape[0],
+                    dict(handler.step.last_values),
+                )
             ),
         )
         per_epoch: dict[int, dict] = {}
@@ -332,8 +339,10 @@ def test_adv_epsilon_and_losses_average_only_the_iterations_that_made_copies(mak
         checked += 1
         metrics = per_epoch[epoch]
         assert metrics["adv_epsilon"] == pytest.approx(EPS)
-        assert metrics["adv_loss_clean"] == pytest.approx(sum(float(s["loss_before"]) for s in applied) / len(applied))
-        assert metrics["adv_loss_fgsm"] == pytest.approx(sum(float(s["loss_after"]) for s in applied) / len(applied))
+        clean = sum(float(s["adv_loss_clean"]) for s in applied) / len(applied)
+        assert metrics["adv_loss_clean"] == pytest.approx(clean)
+        assert metrics["adv_loss_fgsm"] == pytest.approx(sum(float(s["adv_loss_fgsm"]) for s in applied) / len(applied))
+        assert metrics["adv_loss_fgsm"] > metrics["adv_loss_clean"]  # FGSM raises the loss
     assert checked, "the seed should let some epoch make copies"
 
 
@@ -409,13 +418,13 @@ def test_params_reach_the_mlflow_run_through_experiment_param(items, tmp_path: P
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the handler would prefer it over tracking_uri
     uri = path_to_sqlite_uri(str(tmp_path / "m.db"))
     ours = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=0.05, batched=True), start_epoch=1)
+    trainer = make_trainer(items, iteration_update=ours.iteration_update)
+    ours.attach(trainer)  # attached to a trainer with its network: the params say what runs
     mlflow_handler = MLFlowHandler(
         tracking_uri=uri, experiment_name="handler_test", iteration_log=False, close_on_complete=True,
         experiment_param=ours.params,
     )  # fmt: skip
-    trainer = make_trainer(items)
-    for h in (mlflow_handler, ours):  # MLflow first: the epoch metrics still reach it at EPOCH_COMPLETED
-        h.attach(trainer)
+    mlflow_handler.attach(trainer)
     trainer.run()
 
     client = MlflowClient(uri)
@@ -427,7 +436,7 @@ def test_params_reach_the_mlflow_run_through_experiment_param(items, tmp_path: P
     assert float(params["adv_epsilon"]) == pytest.approx(0.05)
     assert params["adv_mode"] == "append"
     assert params["adv_start_epoch"] == "1"
-    assert params["adv_fused"] == "True"
+    assert params["adv_fused"] == "True" and params["adv_step"] == "fused"
     assert {"adv_samples", "adv_epsilon", "adv_loss_clean", "adv_loss_fgsm"} <= set(runs[0].data.metrics)
 
 
@@ -470,11 +479,29 @@ def test_ddp_wrapped_network_trains_two_epochs(items, tmp_path: Path, make_basic
         dist.destroy_process_group()
 
 
-def test_params_say_an_iterative_attack_is_not_fused():
-    """num_steps > 1 always takes separate passes: the tracked adv_fused must not claim otherwise."""
-    single = AdversarialAugmentationHandler(FGSMd(keys="image", batched=True))
-    iterative = AdversarialAugmentationHandler(FGSMd(keys="image", batched=True, num_steps=3))
-    replacing = AdversarialAugmentationHandler(FGSMd(keys="image", batched=True), mode="replace")
-    assert single.params["adv_fused"] is True
-    assert iterative.params["adv_fused"] is False
-    assert replacing.params["adv_fused"] is False
+@pytest.mark.parametrize(
+    "transform,kwargs,step,reason",
+    [
+        ({}, {}, "fused", "own backward pass"),
+        ({"num_steps": 3}, {}, "separate", "several steps"),
+        ({}, {"mode": "replace"}, "separate", "mode 'replace'"),
+        ({}, {"fused": False}, "separate", "fused=False"),
+        ({"loss_function": "equal"}, {}, "separate", "other than the trainer's, even if equal"),
+        ({}, {"own_iteration": True}, "separate", "its own iteration"),
+    ],
+)
+def test_params_say_what_runs_and_why(items, make_trainer, make_dicece, transform, kwargs, step, reason):
+    """What is tracked is what runs: an iterative attack, replace mode, fused=False, a second (equal) loss object,
+    or a trainer running its own iteration all attack in a separate pass, and adv_fused says so."""
+    if transform.get("loss_function") == "equal":
+        transform["loss_function"] = make_dicece()  # equal to the trainer's, not the same object
+    own_iteration = kwargs.pop("own_iteration", False)
+    handler = AdversarialAugmentationHandler(FGSMd(keys="image", batched=True, **transform), **kwargs)
+    assert "adv_step" not in handler.params  # not known before a trainer
+    trainer = make_trainer(items[:4], iteration_update=None if own_iteration else handler.iteration_update)
+    handler.attach(trainer)
+    params = handler.params
+    assert params["adv_step"] == step and reason in params["adv_step_reason"]
+    assert params["adv_fused"] is (step == "fused")
+    trainer.run()  # and it runs as said
+    assert trainer.state.metrics["adv_samples"] == (2.0 if handler.mode == "replace" else 4.0)

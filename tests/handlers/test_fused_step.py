@@ -40,8 +40,13 @@ def data(make_square_data):
 
 @pytest.fixture
 def trainer_for(make_dicece):
-    def _trainer_for(images, labels, network, handler=None, batch_size=4, max_epochs=1, **kwargs) -> SupervisedTrainer:
+    def _trainer_for(
+        images, labels, network, handler=None, batch_size=4, max_epochs=1, own_iteration=False, **kwargs
+    ) -> SupervisedTrainer:
+        """A SupervisedTrainer with the handler's step as its iteration (``own_iteration``: the trainer's own)."""
         items = [{"image": images[i], "label": labels[i]} for i in range(len(images))]
+        if handler is not None and not own_iteration:
+            kwargs["iteration_update"] = handler.iteration_update
         return SupervisedTrainer(
             device=torch.device("cpu"),
             max_epochs=max_epochs,
@@ -154,34 +159,43 @@ def test_start_epoch_fused_trains_clean_first(data, make_basic_unet, make_dicece
     assert "adv_samples" not in per_epoch[0] and per_epoch[1]["adv_samples"] == 4.0
 
 
-def test_amp_trainer_on_cpu_fused_and_separate(data, make_basic_unet, trainer_for, explicit_step):
-    """SupervisedTrainer(amp=True) on CPU: the fused step mirrors its (CUDA-only) autocast and scaler; the separate
-    attack follows engine.amp with bfloat16 autocast on CPU."""
+def test_amp_trainer_on_cpu_runs_bfloat16_autocast(data, make_basic_unet, trainer_for, explicit_step):
+    """SupervisedTrainer(amp=True) on a CPU: the step's forward passes run under bfloat16 autocast (the trainer's
+    own autocast is CUDA-only), fused and separate, and the update stays close to the float32 one."""
     images, labels = data
     images, labels = images[:4], labels[:4]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # GradScaler/autocast on a machine without CUDA
-        network, reference = make_basic_unet(seed=5), make_basic_unet(seed=5)
-        handler = AdversarialAugmentationHandler(transforms_for("both"))
-        trainer_for(images, labels, network, handler, amp=True).run()
-        explicit_step(reference, images, labels, DIRECTIONS["both"])
-        assert_same_parameters(network, reference)
-
-        separate = AdversarialAugmentationHandler(transforms_for("fgsm"), fused=False)
-        trainer = trainer_for(images, labels, make_basic_unet(seed=5), separate, amp=True)
+    for fused in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # GradScaler on a machine without CUDA
+            network, reference = make_basic_unet(seed=5), make_basic_unet(seed=5)
+            handler = AdversarialAugmentationHandler(transforms_for("both", network_mode="train"), fused=fused)
+            trainer = trainer_for(images, labels, network, handler, amp=True)
+        dtypes = []
+        trainer.add_event_handler(
+            IterationEvents.FORWARD_COMPLETED, lambda e, d=dtypes: d.append(e.state.output["pred"].dtype)
+        )
         trainer.run()
-    assert separate.transforms[0].amp  # followed engine.amp: bf16 autocast on CPU
-    assert trainer.state.metrics["adv_samples"] == 4.0
+        assert dtypes == [torch.bfloat16] and handler.params["adv_step"] == ("fused" if fused else "separate")
+        assert all(m.spec.amp for m in handler.step.methods)  # the attack follows engine.amp
+        assert not any(t.amp for t in handler.transforms)  # the user's transforms are not written into
+        explicit_step(reference, images, labels, DIRECTIONS["both"])
+        for p, q in zip(network.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=0.05, atol=0.02)
 
 
-def test_batchnorm_network_warns_in_fused_mode(data, trainer_for):
+def test_batchnorm_network_attacks_separately_in_eval_mode_and_warns_when_fused(data, trainer_for):
     images, labels = data
     network = torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1)
     )
-    handler = AdversarialAugmentationHandler(transforms_for("fgsm"))
+    eval_mode = AdversarialAugmentationHandler(transforms_for("fgsm"))  # the spec's default network_mode="eval"
+    trainer = trainer_for(images[:4], labels[:4], network, eval_mode)
+    trainer.run()
+    assert eval_mode.params["adv_step"] == "separate" and "eval mode" in eval_mode.params["adv_step_reason"]
+    train_mode = AdversarialAugmentationHandler(transforms_for("fgsm", network_mode="train"))
     with pytest.warns(UserWarning, match="BatchNorm2d.*fused=False"):
-        trainer_for(images[:4], labels[:4], network, handler).run()
+        trainer_for(images[:4], labels[:4], network, train_mode).run()
+    assert train_mode.params["adv_step"] == "fused"
 
 
 def test_iterative_transform_falls_back_to_a_separate_pass(data, make_basic_unet, trainer_for):
@@ -193,7 +207,8 @@ def test_iterative_transform_falls_back_to_a_separate_pass(data, make_basic_unet
         IterationEvents.FORWARD_COMPLETED, lambda e: sizes.append(e.state.output["image"].shape[0])
     )
     trainer.run()
-    assert sizes == [8] and handler.adversarial is None
+    assert sizes == [8] and handler.params["adv_step"] == "separate"
+    assert (handler.adversarial - images[:4]).abs().max() <= EPS + 1e-6
 
 
 # ----------------------------------------------------------------------------------------------- DDP, 2 processes

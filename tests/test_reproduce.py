@@ -48,6 +48,22 @@ def dataset(tmp_path_factory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", num_images=80, size=48)
 
 
+
+def assert_tables_are_well_formed(page: str) -> None:
+    """Every Markdown table on the page has as many cells in each row (and its |---| line) as in its header."""
+    tables, current = [], []
+    for line in page.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    assert tables
+    for table in tables:
+        widths = [len(row.strip().strip("|").split("|")) for row in table]
+        assert len(set(widths)) == 1, table
+        assert set(table[1].replace("|", "").replace("-", "").replace(":", "").strip()) == set(), table
+
 def test_the_generated_fallback_dataset_fills_the_smoke_profile(tmp_path):
     """On a plain clone (no Kvasir-SEG) the smoke test below runs on the generated dataset: it must give the smoke
     profile the same numbers of images as Kvasir-SEG does, which its assertions count on."""
@@ -76,6 +92,7 @@ def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
         assert (output / "results" / figure).stat().st_size > 0
         assert f"results/{figure}" in page
     assert "--profile smoke" in page and "Code version: `" in page and "Wall time:" in page
+    assert_tables_are_well_formed(page)
     budget = json.loads((output / "work" / "runs" / "seed0" / "unet" / "robustness_default" / "done.json").read_text())
     assert f"**{budget['seconds'] / 60:.1f} min** on this machine" in page  # the default budget, as measured
 

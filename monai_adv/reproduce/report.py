@@ -202,7 +202,7 @@ def write_report(results: dict, output: Path, context: dict[str, Any]) -> Path:
                    "Gradient-masking checks: see [robustness](robustness.md)."), "",
                   "| arm | clean test IoU | " + " | ".join(f"PGD ε={e * 255:g}/255 | ensemble ε={e * 255:g}/255"
                                                         for e in quoted) + " | ensemble below PGD | checks failed |",
-                  "|---" * (3 + 2 * len(quoted)) + "|"]  # fmt: skip
+                  "|---" * (4 + 2 * len(quoted)) + "|"]  # fmt: skip
         for arm in ARMS:
             seeds_ = list(arms[arm].values())
             cells = [fmt([test_score(s) for s in seeds_])]

@@ -48,7 +48,6 @@ def dataset(tmp_path_factory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", num_images=80, size=48)
 
 
-
 def assert_tables_are_well_formed(page: str) -> None:
     """Every Markdown table on the page has as many cells in each row (and its |---| line) as in its header."""
     tables, current = [], []
@@ -63,6 +62,7 @@ def assert_tables_are_well_formed(page: str) -> None:
         widths = [len(row.strip().strip("|").split("|")) for row in table]
         assert len(set(widths)) == 1, table
         assert set(table[1].replace("|", "").replace("-", "").replace(":", "").strip()) == set(), table
+
 
 def test_the_generated_fallback_dataset_fills_the_smoke_profile(tmp_path):
     """On a plain clone (no Kvasir-SEG) the smoke test below runs on the generated dataset: it must give the smoke

@@ -13,6 +13,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from monai_adv.engines.recipes import RECIPES
 from monai_adv.errors import SettingsError
 
 __all__ = ["ADV_METHODS", "check_settings", "intensity_range", "intensity_scaling", "spatial_size"]
@@ -137,11 +138,20 @@ def _adv_method(value: Any) -> str | None:
     message = f"--adv#method must be one of {', '.join(ADV_METHODS)}; got {value!r}."
     if method in ("pgd", "ifgsm", "i-fgsm", "bim"):
         return (
-            f"{message} PGD (iterative FGSM) is --adv#method fgsm with --adv#num_steps N (e.g. "
-            "--adv#method fgsm --adv#num_steps 10; invfgsm and both iterate the same way)."
+            f"{message} PGD adversarial training is the recipe --adv#recipe pgd; iterative FGSM is --adv#method "
+            "fgsm with --adv#num_steps N (e.g. --adv#method fgsm --adv#num_steps 10; invfgsm and both iterate the "
+            "same way)."
         )
+    if method in RECIPES:
+        return f"{message} {method!r} is a recipe: --adv#recipe {method}."
     distance, closest = min((_edit_distance(method, option), option) for option in ADV_METHODS)
     return message + (f" Did you mean {closest!r}?" if distance <= max(2, len(method) // 2 + 1) else "")
+
+
+def _adv_recipe(value: Any) -> str | None:
+    if str(value).strip().lower() in RECIPES:
+        return None
+    return f"--adv#recipe must be one of {', '.join(RECIPES)}; got {value!r}."
 
 
 def _edit_distance(first: str, second: str) -> int:
@@ -194,7 +204,8 @@ _CHECKS: dict[str, Any] = {
     "adv#start_epoch": lambda v: _integer("adv#start_epoch", v, 0),
     "adv#prob": lambda v: _number("adv#prob", v, 0.0, 1.0),
     "adv#replace_fraction": lambda v: _number("adv#replace_fraction", v, 0.0, 1.0),
-    "adv#mode": lambda v: _choice("adv#mode", v, ("append", "replace")),
+    "adv#mode": lambda v: _choice("adv#mode", v, ("append", "replace", "free")),
+    "adv#recipe": _adv_recipe,
     "adv#fused": lambda v: _boolean("adv#fused", v),
     "adv#track_loss": lambda v: _boolean("adv#track_loss", v),
 }

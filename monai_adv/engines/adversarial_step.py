@@ -244,35 +244,37 @@ class AdversarialTrainingStep:
         """What the step does on ``engine`` when an epoch is augmented, and why.
 
         Raises:
-            ValueError: when no network or loss is known, or the engine has no optimizer.
+            ValueError: when the engine has no network, optimizer or loss function.
         """
         key = id(engine)
-        if key in self._plans:
-            return self._plans[key]
-        for name in ("network", "optimizer", "loss_function"):
-            if getattr(engine, name, None) is None:
-                raise ValueError(f"the adversarial training step needs the trainer's {name}; the engine has none.")
+        if key not in self._plans:
+            for name in ("network", "optimizer", "loss_function"):
+                if getattr(engine, name, None) is None:
+                    raise ValueError(f"the adversarial training step needs the trainer's {name}; the engine has none.")
+            self._plans[key] = self.plan_for(engine.network, engine.loss_function)
+        return self._plans[key]
+
+    def plan_for(self, network: nn.Module, loss_function: LossFunction) -> StepPlan:
+        """What the step does in a trainer with this network and loss function (see :meth:`plan`)."""
         if not self.enabled or not self.methods:
             plan = StepPlan("plain", "no adversarial method is enabled")
         elif self.recipe.mode == "free":
             plan = StepPlan("free", "free mode: the step's own input gradient updates each image's perturbation")
         else:
-            plan = self._fusion_plan(engine)
-        warnings_: list[str] = []
+            plan = self._fusion_plan(network, loss_function)
+        notes: list[str] = []
         if plan.kind in ("fused", "free"):
-            mixing = sorted({type(m).__name__ for m in engine.network.modules() if _modes_differ(m)})
+            mixing = sorted({type(m).__name__ for m in network.modules() if _modes_differ(m)})
             if mixing:
-                warnings_.append(
+                notes.append(
                     f"the {plan.kind} step with a network that has {mixing}: the attack gradient is the train-mode "
                     "one of the training step (BatchNorm batch statistics, dropout masks), and the copies go "
                     "through BatchNorm as a batch of their own. Pass fused=False to attack in the spec's "
                     "network_mode and train on the concatenated batch."
                 )
-        plan = StepPlan(plan.kind, plan.reason, tuple(warnings_))
-        self._plans[key] = plan
-        return plan
+        return StepPlan(plan.kind, plan.reason, tuple(notes))
 
-    def _fusion_plan(self, engine: Any) -> StepPlan:
+    def _fusion_plan(self, engine_network: nn.Module, engine_loss: LossFunction) -> StepPlan:
         why_not = None
         if not self.fused:
             why_not = "fused=False"
@@ -282,15 +284,15 @@ class AdversarialTrainingStep:
             why_not = "the clean loss has weight 0, so the clean backward pass gives no gradient to attack with"
         elif not all(m.spec.single_step for m in self.methods):
             why_not = "an attack with several steps, a random start or an attack loss needs its own passes"
-        elif self.network is not None and unwrap_network(self.network) is not unwrap_network(engine.network):
+        elif self.network is not None and unwrap_network(self.network) is not unwrap_network(engine_network):
             why_not = "the attack's network is not the trainer's"
-        elif self.loss_function is not None and self.loss_function is not engine.loss_function:
+        elif self.loss_function is not None and self.loss_function is not engine_loss:
             why_not = (
                 f"the attack follows a loss object ({type(self.loss_function).__name__}) other than the trainer's, "
                 "even if equal: give the trainer's own loss object, or none"
             )
         elif any(m.spec.network_mode == "eval" for m in self.methods) and any(
-            _modes_differ(m) for m in engine.network.modules()
+            _modes_differ(m) for m in engine_network.modules()
         ):
             why_not = "the attack is in eval mode and the network computes differently in train mode"
         if why_not is None:
@@ -489,9 +491,9 @@ def _single_step(images: torch.Tensor, gradient: torch.Tensor, spec: AttackSpec,
 
 
 def _with_meta(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(like, MetaTensor):
-        out = MetaTensor(values, meta=like.meta, applied_operations=like.applied_operations)
-        out.is_batch = like.is_batch
+    if isinstance(like, MetaTensor):  # keep the batch's metadata (file names, affines) on the new values
+        out = like.detach().clone()
+        out.copy_(values)
         return out
     return values
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from monai_adv.errors import SettingsError
+
 __all__ = ["PRESET_DEFAULTS", "RECIPES", "STEP_MODES", "TrainingRecipe", "epsilon_factor", "recipe_preset"]
 
 #: ``"append"``: train on the batch and its copies; ``"replace"``: a fraction of the batch is replaced by its
@@ -178,6 +180,13 @@ RECIPES: dict[str, dict[str, Any]] = {
         "adversarial_weight": 0.0,
         "consistency_weight": 6.0,
     },
+    "finetune": {
+        "_desc_": "the authors' code: continue a clean training (--init_ckpt its model.pt) on FGSM copies at 0.1 only",
+        "method": "fgsm",
+        "epsilon": 0.1,
+        "mode": "replace",
+        "replace_fraction": 1.0,
+    },
     "free": {
         "_desc_": "free adversarial training: a per-image perturbation carried over epochs, one pass per step",
         "epsilon": _ROBUST_EPSILON,
@@ -202,10 +211,10 @@ def recipe_preset(name: str) -> dict[str, Any]:
     """The settings of the named recipe, every key of :data:`PRESET_DEFAULTS` present.
 
     Raises:
-        ValueError: for an unknown name, listing the known ones.
+        SettingsError: (a ``ValueError``) for an unknown name, listing the known ones.
     """
     key = str(name).strip().lower()
     if key not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r} (--adv#recipe): choose from {sorted(RECIPES)}.")
+        raise SettingsError(f"--adv#recipe must be one of {', '.join(RECIPES)}; got {name!r}.")
     preset = {k: v for k, v in RECIPES[key].items() if not k.startswith("_")}
     return {**PRESET_DEFAULTS, **preset, "recipe": key}

@@ -178,6 +178,7 @@ class AdversarialAugmentationHandler(Randomizable):
         )
         self._engine: Engine | None = None
         self._plan: StepPlan | None = None
+        self._announced: StepPlan | None = None
         self._owns_iteration = False
         self.logger = logging.getLogger("monai_adv.AdversarialAugmentationHandler")
 
@@ -217,7 +218,18 @@ class AdversarialAugmentationHandler(Randomizable):
     @property
     def params(self) -> dict[str, Any]:
         """The adversarial settings, flat (``adv_*``), for experiment tracking; with ``adv_step`` and
-        ``adv_step_reason`` (what runs) once attached to a trainer that has its network."""
+        ``adv_step_reason`` (what runs) once attached to a trainer that has its network (see :meth:`params_for`)."""
+        return self._params(self._current_plan())
+
+    def params_for(self, network: nn.Module, loss_function: LossFunction) -> dict[str, Any]:
+        """:attr:`params` for a trainer with this network and loss that runs :attr:`iteration_update`, before it
+        exists (a bundle logs its parameters before it builds the trainer). At the start the handler checks that
+        this is what runs, and warns if it is not.
+        """
+        self._announced = self.step.plan_for(network, loss_function)
+        return self._params(self._announced)
+
+    def _params(self, plan: StepPlan | None) -> dict[str, Any]:
         if not self.enabled or not self.transforms:
             return {"adv_method": "none"}
         first = self.transforms[0].params
@@ -237,7 +249,6 @@ class AdversarialAugmentationHandler(Randomizable):
                      "random_epsilon"):  # fmt: skip
             if getattr(self.recipe, name) != getattr(defaults, name):
                 params[f"adv_{name}"] = getattr(self.recipe, name)
-        plan = self._current_plan()
         if plan is not None:
             params["adv_step"] = plan.kind
             params["adv_step_reason"] = plan.reason
@@ -315,6 +326,12 @@ class AdversarialAugmentationHandler(Randomizable):
         if getattr(engine, "amp", False):
             self.step.methods = [dataclasses.replace(m, spec=m.spec.replace(amp=True)) for m in self.step.methods]
         self._plan = self._decide(engine)
+        if self._announced is not None and self._announced.kind != self._plan.kind and self.enabled:
+            warnings.warn(
+                f"the tracked parameters say adv_step={self._announced.kind}, but the step that runs is "
+                f"{self._plan.kind}: {self._plan.reason}.",
+                stacklevel=2,
+            )
         if self.enabled and self.transforms:
             self.logger.info("adversarial training step: %s (%s)", self._plan.kind, self._plan.reason)
             for message in self._plan.warnings:

@@ -68,7 +68,7 @@ def test_every_preset_builds_a_valid_spec_and_recipe():
         preset = recipe_preset(name)
         assert set(PRESET_DEFAULTS) <= set(preset) and preset["recipe"] == name
         spec_of(name), recipe_of(name)
-    with pytest.raises(ValueError, match="unknown recipe 'bogus'.*nfgsm"):
+    with pytest.raises(ValueError, match="--adv#recipe must be one of paper, nfgsm.*got 'bogus'"):
         recipe_preset("bogus")
 
 

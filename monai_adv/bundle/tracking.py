@@ -206,14 +206,14 @@ class TrackingGuard:
         if name == "set_terminated" and (args or kwargs.get("run_id")):
             self.run_id = str(kwargs.get("run_id", args[0] if args else None))
         if self.gave_up:
-            self._record(name, args, kwargs)
+            self.record_failure(name, args, kwargs)
             return None
         try:
             result = method(*args, **kwargs)
         except Exception as err:  # any failure to log must not stop the training
             if _STOP:  # not a logging failure: the stop, arrived during the call (perhaps wrapped by MLflow)
                 raise _STOP[0] from err
-            self._record(name, args, kwargs)
+            self.record_failure(name, args, kwargs)
             self._failed(name, err)
             if name == "set_terminated":
                 self.report()
@@ -238,7 +238,8 @@ class TrackingGuard:
                 "end."
             )
 
-    def _record(self, name: str, args: tuple, kwargs: dict) -> None:
+    def record_failure(self, name: str, args: tuple, kwargs: dict) -> None:
+        """Count a call that did not reach the server (for :meth:`summary`)."""
         self.failed_calls[name] += 1
         if name == "log_batch":
             for metric in kwargs.get("metrics") or (args[1] if len(args) > 1 else []):
@@ -393,7 +394,7 @@ def log_best_model(
 
 def _model_not_logged(guard: TrackingGuard, path: Path, name: str, reason: str, error: Exception | None = None) -> None:
     """Record the model as not logged (in the guard's summary, if that is still to come) and say so in one warning."""
-    guard._record("log_model", (), {"name": name})
+    guard.record_failure("log_model", (), {"name": name})
     if error is not None:
         guard.consecutive_failures += 1
         guard.first_error = guard.first_error or reason

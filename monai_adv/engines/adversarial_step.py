@@ -40,6 +40,7 @@ from torch import nn
 from monai_adv.attacks import (
     AttackSpec,
     LossFunction,
+    NonFiniteLossError,
     clamp_bounds,
     input_gradient,
     preserved_network_state,
@@ -217,8 +218,10 @@ class AdversarialTrainingStep:
         self.adversarial: torch.Tensor | None = None
         """The latest adversarial images (detached), for inspection."""
         self._plans: dict[int, StepPlan] = {}
-        self._checked_epoch = 0
+        self.labels_checked_epoch = 0  # the epoch whose labels were checked against the prediction
         self._rewritten_iteration: int | None = None
+        self.last_iteration: tuple[int, int] | None = None
+        """``(id(engine), iteration)`` of the latest iteration this step ran."""
         self.logger = logging.getLogger("monai_adv.AdversarialTrainingStep")
 
     # ------------------------------------------------------------------------------------------------- settings
@@ -234,10 +237,12 @@ class AdversarialTrainingStep:
         """Whether ``epoch`` (from 1) is augmented."""
         return bool(self.enabled) and bool(self.methods) and epsilon_factor(self.recipe, epoch) > 0
 
-    def _attack_network(self, engine: Any) -> nn.Module:
+    def attack_network(self, engine: Any) -> nn.Module:
+        """The network the attack uses: the step's own, or the trainer's."""
         return self.network if self.network is not None else engine.network
 
-    def _attack_loss(self, engine: Any) -> LossFunction:
+    def attack_loss(self, engine: Any) -> LossFunction:
+        """The loss the attack follows: the step's own, or the trainer's."""
         return self.loss_function if self.loss_function is not None else engine.loss_function
 
     def plan(self, engine: Any) -> StepPlan:
@@ -313,6 +318,7 @@ class AdversarialTrainingStep:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         self.last_values = {}
+        self.last_iteration = (id(engine), engine.state.iteration)
         epoch = int(engine.state.epoch)
         rewritten = self._rewritten_iteration == engine.state.iteration  # the handler already augmented the batch
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
@@ -370,11 +376,11 @@ class AdversarialTrainingStep:
         size = int(images.shape[0])
         epsilons = self._epsilons(int(engine.state.epoch), size, images)
         methods = self._choose_methods()
-        network, loss = self._attack_network(engine), self._attack_loss(engine)
+        network, loss = self.attack_network(engine), self.attack_loss(engine)
         if methods:
             self.last_values["adv_epsilon"] = torch.stack([epsilons[m.name].mean() for m in methods]).mean()
         if self.recipe.mode == "append":
-            copies = self._copies(network, loss, _plain(images), _plain(labels), methods, epsilons)
+            copies = self.make_copies(network, loss, _plain(images), _plain(labels), methods, epsilons)
             self.last_values["adv_samples"] = float(size * len(copies))
             if copies:
                 self.adversarial = torch.cat(copies).detach()
@@ -382,7 +388,7 @@ class AdversarialTrainingStep:
                 key: concatenate_batch([images, *copies] if key == image_key else [value] * (1 + len(copies)), size)
                 for key, value in batch.items()
             }
-        replaced_images, count = self._replace(network, loss, _plain(images), _plain(labels), methods, epsilons)
+        replaced_images, count = self.replace_samples(network, loss, _plain(images), _plain(labels), methods, epsilons)
         self.last_values["adv_samples"] = float(count)
         new_batch = dict(batch)
         if count:
@@ -435,7 +441,7 @@ class AdversarialTrainingStep:
             self.last_values[f"adv_loss_{method.name}"] = result.loss_after
         return result.images
 
-    def _copies(self, network, loss, images, labels, methods, epsilons) -> list[torch.Tensor]:
+    def make_copies(self, network, loss, images, labels, methods, epsilons) -> list[torch.Tensor]:
         """One copy per method; single-step methods that can share it take one input-gradient pass for all."""
         first = methods[0].spec if methods else None
         shareable = len(methods) > 1 and all(
@@ -453,7 +459,7 @@ class AdversarialTrainingStep:
         self.last_values.setdefault("adv_loss_clean", clean_loss)
         return [_single_step(images, gradient, m.spec, epsilons[m.name]) for m in methods]
 
-    def _replace(self, network, loss, images, labels, methods, epsilons) -> tuple[torch.Tensor, int]:
+    def replace_samples(self, network, loss, images, labels, methods, epsilons) -> tuple[torch.Tensor, int]:
         """The batch with a random ``replace_fraction`` of it swapped for adversarial versions (split among the
         methods); the number replaced."""
         size = images.shape[0]
@@ -538,8 +544,8 @@ class _Iteration:
 
     def loss(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         engine = self.engine
-        if self.step._checked_epoch != engine.state.epoch:  # once an epoch, and on failure: name bad labels
-            self.step._checked_epoch = engine.state.epoch
+        if self.step.labels_checked_epoch != engine.state.epoch:  # once an epoch, and on failure: name bad labels
+            self.step.labels_checked_epoch = engine.state.epoch
             _check_labels_fit_prediction(_prediction(pred), labels, _label_stats(labels))
         try:
             with self.autocast():
@@ -603,6 +609,13 @@ class _Iteration:
             )
         clean, gradient = _plain(image.detach()), _plain(image.grad)
         image.grad = None
+        # one synchronisation: sign(NaN) would make copies equal to the clean images; an enabled GradScaler skips
+        # such steps itself (its scaled gradients may overflow on purpose)
+        if self.scaler is None and not bool(torch.isfinite(gradient).all() & torch.isfinite(loss_clean.detach())):
+            raise NonFiniteLossError(
+                f"the training loss ({float(loss_clean):g}) or its input gradient is NaN or Inf: the network "
+                "diverged (lower the learning rate) or an input holds NaN/Inf."
+            )
         total = loss_clean.detach() * clean_weight
         copies = []
         for index, method in enumerate(methods):
@@ -631,11 +644,11 @@ class _Iteration:
         if not methods:
             self.values["adv_samples"] = 0.0
             return self.plain()
-        network, attack_loss = step._attack_network(engine), step._attack_loss(engine)
+        network, attack_loss = step.attack_network(engine), step.attack_loss(engine)
         images, labels = _plain(self.inputs), _plain(self.targets)
         recipe = step.recipe
         if recipe.mode == "replace":
-            replaced, count = step._replace(network, attack_loss, images, labels, methods, epsilons)
+            replaced, count = step.replace_samples(network, attack_loss, images, labels, methods, epsilons)
             self.values["adv_samples"] = float(count)
             step.adversarial = replaced.detach()
             trained = _with_meta(replaced.to(self.inputs.dtype), self.inputs)
@@ -648,7 +661,7 @@ class _Iteration:
             self.backward(output[CommonKeys.LOSS])
             self.values["adv_epsilon"] = torch.stack([epsilons[m.name].mean() for m in methods]).mean()
             return self.optimizer_step()
-        copies = step._copies(network, attack_loss, images, labels, methods, epsilons)
+        copies = step.make_copies(network, attack_loss, images, labels, methods, epsilons)
         k = len(copies)
         self.values["adv_samples"] = float(self.size * k)
         step.adversarial = torch.cat(copies).detach()

@@ -180,13 +180,19 @@ class AdversarialAugmentationHandler(Randomizable):
         self._plan: StepPlan | None = None
         self._announced: StepPlan | None = None
         self._owns_iteration = False
+        self._step_handed_out = False
         self.logger = logging.getLogger("monai_adv.AdversarialAugmentationHandler")
 
     # ------------------------------------------------------------------------------------------------- settings
 
     @property
     def iteration_update(self) -> AdversarialTrainingStep:
-        """The training step, to pass as ``SupervisedTrainer(iteration_update=...)``."""
+        """The training step, to pass as ``SupervisedTrainer(iteration_update=...)``.
+
+        Taking it tells the handler that the trainer runs the step (Ignite has no public way to ask an engine for
+        its process function); if the trainer then runs another iteration, the first iteration ends with an error.
+        """
+        self._step_handed_out = True
         return self.step
 
     @property
@@ -276,6 +282,7 @@ class AdversarialAugmentationHandler(Randomizable):
         self._engine = engine
         engine.add_event_handler(Events.STARTED, self._prepare)
         engine.add_event_handler(Events.ITERATION_STARTED, self)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self._check_the_step_ran)
         for name in self.metric_names:
             EpochMean(lambda name=name: self.step.last_values.get(name)).attach(engine, name, usage=EpochMean.usage())
 
@@ -286,9 +293,9 @@ class AdversarialAugmentationHandler(Randomizable):
         return self._decide(engine)
 
     def _decide(self, engine: Engine) -> StepPlan:
-        # Ignite keeps the process function as _process_function; where it cannot be read the handler rewrites the
-        # batch and the step, seeing that, trains it plainly: correct either way.
-        self._owns_iteration = getattr(engine, "_process_function", None) is self.step
+        # The step runs as the trainer's iteration when it was taken as iteration_update (checked after the first
+        # iteration); otherwise the handler rewrites the batch, and a step that runs anyway trains it plainly.
+        self._owns_iteration = self._step_handed_out
         if self._owns_iteration:
             return self.step.plan(engine)
         needs_step = [
@@ -342,6 +349,19 @@ class AdversarialAugmentationHandler(Randomizable):
                 f"start_epoch={self.start_epoch} is after the last epoch (max_epochs={max_epochs}): no batch will "
                 f"be augmented, although the tracked parameters say adv_method={self.params['adv_method']}.",
                 stacklevel=2,
+            )
+
+    def _check_the_step_ran(self, engine: Engine) -> None:
+        """After the first iteration: a handler whose step was taken as ``iteration_update`` must have seen it run.
+
+        Raises:
+            RuntimeError: when the trainer ran another iteration (no batch was augmented).
+        """
+        if self._owns_iteration and self.step.last_iteration != (id(engine), engine.state.iteration):
+            raise RuntimeError(
+                "handler.iteration_update was taken, but this trainer runs another iteration, so no batch was "
+                "augmented: build the trainer with SupervisedTrainer(..., iteration_update=handler.iteration_update), "
+                "or attach a handler whose iteration_update was not taken (it then rewrites the batches)."
             )
 
     def __call__(self, engine: Engine) -> None:

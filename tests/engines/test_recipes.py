@@ -249,3 +249,15 @@ def test_bad_recipe_options_are_named():
         TrainingRecipe(mode="free", consistency_weight=1.0)
     with pytest.raises(ValueError, match="one FGSM method"):
         AdversarialTrainingStep([], TrainingRecipe(mode="free"))
+
+
+def test_a_non_finite_gradient_stops_the_fused_step(make_basic_unet, make_dicece, data):
+    from monai_adv.attacks import NonFiniteLossError
+
+    images, labels = data
+    network = make_basic_unet()
+    with torch.no_grad():
+        next(network.parameters()).fill_(float("nan"))
+    step = AdversarialTrainingStep([AdversarialMethod(AttackSpec(epsilon=0.05))])
+    with pytest.raises(NonFiniteLossError, match="NaN or Inf"):
+        trainer(step, images, labels, network, make_dicece()).run()

@@ -505,3 +505,13 @@ def test_params_say_what_runs_and_why(items, make_trainer, make_dicece, transfor
     assert params["adv_fused"] is (step == "fused")
     trainer.run()  # and it runs as said
     assert trainer.state.metrics["adv_samples"] == (2.0 if handler.mode == "replace" else 4.0)
+
+
+def test_a_step_taken_but_not_given_to_the_trainer_is_an_error_after_the_first_iteration(items, make_trainer):
+    handler = AdversarialAugmentationHandler(FGSMd(keys="image", batched=True))
+    handler.iteration_update  # taken, then not passed to the trainer  # noqa: B018
+    trainer = make_trainer(items)
+    handler.attach(trainer)
+    with pytest.raises(RuntimeError, match="iteration_update was taken, but this trainer runs another iteration"):
+        trainer.run()
+    assert trainer.state.iteration == 1

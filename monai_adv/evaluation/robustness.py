@@ -247,7 +247,7 @@ class RobustnessEvaluator(Engine):
         checkpoint: str | os.PathLike | None = None,
         attacks: Sequence[str] = DEFAULT_ATTACKS,
         epsilons: Sequence[float] = DEFAULT_EPSILONS,
-        num_steps: int = 7,
+        num_steps: int = 20,
         restarts: int = 1,
         random_start: bool = True,
         apgd_losses: Sequence[str] = APGD_LOSSES,

@@ -46,3 +46,25 @@ def test_unknown_recipe_and_a_misplaced_method_name_the_fix(bundle, tmp_path):
     assert "--adv#recipe must be one of paper, nfgsm" in run.output.strip().splitlines()[-1]
     run = bundle.train(tmp_path / "b", {"adv#method": "trades"}, expect_success=False)
     assert "--adv#recipe trades" in run.output.strip().splitlines()[-1], run.output[-2000:]
+
+
+def test_free_mode_perturbations_are_saved_with_the_checkpoint_and_resumed(bundle, tmp_path):
+    """--adv#recipe free keeps one perturbation per training image (keyed by its file): in the checkpoint, within
+    epsilon, and carried on by --resume true."""
+    root = tmp_path / "free"
+    settings = {"adv#recipe": "free", "adv#epsilon": 0.05, "max_epochs": 1}
+    bundle.train(root, settings)
+    first = torch.load(root / "models" / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=True)
+    deltas = first["adv_step"]["deltas"]
+    assert len(deltas) == 16 and all(d.shape == (3, 32, 32) for d in deltas.values())
+    assert 0 < max(float(d.abs().max()) for d in deltas.values()) <= 0.05 + 1e-6
+    bundle.train(root, {**settings, "max_epochs": 2, "resume": "true"})
+    second = torch.load(root / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)
+    assert set(second["adv_step"]["deltas"]) == set(deltas)
+    # Epoch 2 continued from epoch 1's perturbations: where epoch 1 took a full step (|delta| = eps) and the sign
+    # flipped, delta + eps * sign is 0. A fresh start would give |delta| = eps at every such pixel.
+    before = torch.stack([deltas[k] for k in sorted(deltas)])
+    after = torch.stack([second["adv_step"]["deltas"][k] for k in sorted(deltas)])
+    full_step = before.abs() > 0.99 * 0.05
+    flipped_back = (after.abs() < 0.5 * 0.05) & full_step
+    assert float(flipped_back.sum()) / float(full_step.sum()) > 0.01

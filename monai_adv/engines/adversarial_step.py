@@ -261,8 +261,9 @@ class AdversarialTrainingStep:
 
     def plan_for(self, network: nn.Module, loss_function: LossFunction) -> StepPlan:
         """What the step does in a trainer with this network and loss function (see :meth:`plan`)."""
-        if not self.enabled or not self.methods:
-            plan = StepPlan("plain", "no adversarial method is enabled")
+        # `enabled` is read at every iteration (it may be flipped at any time), so it does not enter the plan
+        if not self.methods:
+            plan = StepPlan("plain", "no adversarial method is given")
         elif self.recipe.mode == "free":
             plan = StepPlan("free", "free mode: the step's own input gradient updates each image's perturbation")
         else:

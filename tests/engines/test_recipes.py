@@ -261,3 +261,23 @@ def test_a_non_finite_gradient_stops_the_fused_step(make_basic_unet, make_dicece
     step = AdversarialTrainingStep([AdversarialMethod(AttackSpec(epsilon=0.05))])
     with pytest.raises(NonFiniteLossError, match="NaN or Inf"):
         trainer(step, images, labels, network, make_dicece()).run()
+
+
+def test_a_handler_disabled_at_the_start_augments_once_switched_on(make_basic_unet, make_dicece, data):
+    """`enabled` may be flipped at any time: the plan the handler makes at the start must not freeze a disabled
+    step as plain."""
+    from monai_adv.handlers import AdversarialAugmentationHandler
+    from monai_adv.transforms import FGSMd
+
+    images, labels = data
+    handler = AdversarialAugmentationHandler(FGSMd(keys="image", epsilon=0.05, batched=True), enabled=False)
+    engine = trainer(handler.iteration_update, images, labels, make_basic_unet(), make_dicece(), max_epochs=2)
+    handler.attach(engine)
+    per_epoch = {}
+    engine.add_event_handler(
+        Events.EPOCH_COMPLETED, lambda e: per_epoch.__setitem__(e.state.epoch, dict(e.state.metrics))
+    )
+    engine.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: setattr(handler, "enabled", True))
+    engine.run()
+    assert "adv_samples" not in per_epoch[1] and per_epoch[2]["adv_samples"] == 4.0
+    assert handler.params["adv_step"] == "fused"

@@ -87,6 +87,35 @@ def _epsilon(value: Any) -> float | tuple[float, float]:
     return low if single else (low, high)
 
 
+def create_dataclass(cls: type, source: Any, options: Mapping[str, Any], what: str, expected: str) -> Any:
+    """``cls`` built from another instance of it or a mapping of its fields (or None), with ``options`` replacing
+    fields; the constructor validates them. Shared by :class:`AttackSpec` and the training recipes.
+
+    Args:
+        cls: the dataclass.
+        source: an instance, a mapping of fields, or None.
+        options: fields that replace the source's.
+        what: the options' name in messages (``"attack"``: "unknown attack option(s)").
+        expected: the message for a source of another kind, without its ending (", got <type>.").
+
+    Raises:
+        TypeError: for a source of another kind, or an unknown option name (listing the valid ones).
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    base: dict[str, Any] = {}
+    if isinstance(source, cls):
+        base = {name: getattr(source, name) for name in names}
+    elif isinstance(source, Mapping):
+        base = dict(source)
+    elif source is not None:
+        raise TypeError(f"{expected}, got {type(source).__name__}.")
+    base.update(options)
+    unknown = sorted(set(base) - names)
+    if unknown:
+        raise TypeError(f"unknown {what} option(s) {unknown}: the options are {sorted(names)}.")
+    return cls(**base)
+
+
 @dataclass(frozen=True)
 class AttackSpec:
     """What an attack does, checked when it is built (every field is validated in ``__post_init__``).
@@ -231,19 +260,9 @@ class AttackSpec:
             TypeError: for an unknown option name, listing the valid ones.
             ValueError: for a bad option value (see the class).
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        base: dict[str, Any] = {}
-        if isinstance(spec, AttackSpec):
-            base = {name: getattr(spec, name) for name in names}
-        elif isinstance(spec, Mapping):
-            base = dict(spec)
-        elif spec is not None:
-            raise TypeError(f"spec must be an AttackSpec, a mapping of its options or None, got {type(spec).__name__}.")
-        base.update(options)
-        unknown = sorted(set(base) - names)
-        if unknown:
-            raise TypeError(f"unknown attack option(s) {unknown}: the options are {sorted(names)}.")
-        return cls(**base)
+        return create_dataclass(
+            cls, spec, options, "attack", "spec must be an AttackSpec, a mapping of its options or None"
+        )
 
     def replace(self, **options: Any) -> AttackSpec:
         """A copy with ``options`` replaced (and validated)."""

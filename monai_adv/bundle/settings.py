@@ -148,12 +148,6 @@ def _adv_method(value: Any) -> str | None:
     return message + (f" Did you mean {closest!r}?" if distance <= max(2, len(method) // 2 + 1) else "")
 
 
-def _adv_recipe(value: Any) -> str | None:
-    if str(value).strip().lower() in RECIPES:
-        return None
-    return f"--adv#recipe must be one of {', '.join(RECIPES)}; got {value!r}."
-
-
 def _edit_distance(first: str, second: str) -> int:
     """Levenshtein distance (insertions, deletions, substitutions)."""
     previous = list(range(len(second) + 1))
@@ -205,7 +199,7 @@ _CHECKS: dict[str, Any] = {
     "adv#prob": lambda v: _number("adv#prob", v, 0.0, 1.0),
     "adv#replace_fraction": lambda v: _number("adv#replace_fraction", v, 0.0, 1.0),
     "adv#mode": lambda v: _choice("adv#mode", v, ("append", "replace", "free")),
-    "adv#recipe": _adv_recipe,
+    "adv#recipe": lambda v: _choice("adv#recipe", v, tuple(RECIPES)),
     "adv#fused": lambda v: _boolean("adv#fused", v),
     "adv#track_loss": lambda v: _boolean("adv#track_loss", v),
 }

@@ -458,7 +458,7 @@ class AdversarialTrainingStep:
         with preserved_network_state(module, first.network_mode):
             gradient, clean_loss = input_gradient(module, loss, images, labels, amp=first.amp)
         self.last_values.setdefault("adv_loss_clean", clean_loss)
-        return [_single_step(images, gradient, m.spec, epsilons[m.name]) for m in methods]
+        return copies_from_gradient(images, gradient, methods, epsilons)
 
     def replace_samples(self, network, loss, images, labels, methods, epsilons) -> tuple[torch.Tensor, int]:
         """The batch with a random ``replace_fraction`` of it swapped for adversarial versions (split among the
@@ -487,14 +487,28 @@ class AdversarialTrainingStep:
         self.deltas = {str(k): torch.as_tensor(v) for k, v in dict(state.get("deltas", {})).items()}
 
 
-def _single_step(images: torch.Tensor, gradient: torch.Tensor, spec: AttackSpec, eps: torch.Tensor) -> torch.Tensor:
-    """The spec's one signed step from ``images`` along ``gradient``, projected and clamped (detached)."""
-    if spec.relative_step is not None:
-        step_size = eps * spec.relative_step
-    else:
-        step_size = torch.full_like(eps, spec.step_size) if spec.step_size is not None else eps
-    moved = signed_gradient_step(images, gradient, step_size, spec.direction)
-    return project_and_clamp(moved, images, eps, clamp_bounds(images, spec.clamp, spec.value_range)).detach()
+def copies_from_gradient(
+    images: torch.Tensor,
+    gradient: torch.Tensor,
+    methods: Sequence[AdversarialMethod],
+    epsilons: dict[str, torch.Tensor],
+) -> list[torch.Tensor]:
+    """Each single-step method's signed step from ``images`` along the one ``gradient``, projected and clamped
+    (detached); the value bounds are taken once per clamp setting (a range check reads the images once)."""
+    bounds: dict[tuple, Any] = {}
+    copies = []
+    for method in methods:
+        spec, eps = method.spec, epsilons[method.name]
+        key = (spec.clamp, spec.value_range)
+        if key not in bounds:
+            bounds[key] = clamp_bounds(images, spec.clamp, spec.value_range)
+        if spec.relative_step is not None:
+            step_size = eps * spec.relative_step
+        else:
+            step_size = torch.full_like(eps, spec.step_size) if spec.step_size is not None else eps
+        moved = signed_gradient_step(images, gradient, step_size, spec.direction)
+        copies.append(project_and_clamp(moved, images, eps, bounds[key]).detach())
+    return copies
 
 
 def _with_meta(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -555,6 +569,15 @@ class _Iteration:
             _check_labels_fit_prediction(_prediction(pred), labels, _label_stats(labels))
             raise
 
+    def forward_and_loss(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainer's forward pass and loss on ``x``, written to the output with their events."""
+        output = self.engine.state.output
+        output[CommonKeys.PRED] = pred = self.predict(x)
+        self.engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        output[CommonKeys.LOSS] = loss = self.loss(pred, labels)
+        self.engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        return pred, loss
+
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         scaled = loss / self.acc if self.acc > 1 else loss
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward(retain_graph=retain_graph)
@@ -580,29 +603,20 @@ class _Iteration:
     # ------------------------------------------------------------------------------------------------- kinds
 
     def plain(self) -> None:
-        output = self.engine.state.output
-        output[CommonKeys.PRED] = self.predict(self.inputs)
-        self.engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        output[CommonKeys.LOSS] = self.loss(output[CommonKeys.PRED], self.targets)
-        self.engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        self.backward(output[CommonKeys.LOSS])
+        _, loss = self.forward_and_loss(self.inputs, self.targets)
+        self.backward(loss)
         self.optimizer_step()
 
     def fused(self, methods: list[AdversarialMethod], epsilons: dict[str, torch.Tensor]) -> None:
-        engine, output, step = self.engine, self.engine.state.output, self.step
+        output, step = self.engine.state.output, self.step
         self.values["adv_samples"] = float(self.size * len(methods))
         if not methods:
             return self.plain()
         clean_weight, copy_weight = self._weights(len(methods))
         beta = step.recipe.consistency_weight
         image = self.inputs.detach().requires_grad_(True)  # the backward fills its .grad beside the parameters'
-        pred = self.predict(image)
-        output[CommonKeys.PRED] = pred
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        loss_clean = self.loss(pred, self.targets)
-        output[CommonKeys.LOSS] = loss_clean
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        self.backward(loss_clean * clean_weight if clean_weight > 0 else loss_clean * 0.0, retain_graph=beta > 0)
+        pred, loss_clean = self.forward_and_loss(image, self.targets)
+        self.backward(loss_clean * clean_weight, retain_graph=beta > 0)  # the plan keeps clean_weight > 0 here
         if image.grad is None:
             raise RuntimeError(
                 "the training step's backward gave no gradient for the image: the trainer's inferer does not feed "
@@ -618,10 +632,8 @@ class _Iteration:
                 "diverged (lower the learning rate) or an input holds NaN/Inf."
             )
         total = loss_clean.detach() * clean_weight
-        copies = []
-        for index, method in enumerate(methods):
-            adversarial = _single_step(clean, gradient, method.spec, epsilons[method.name])
-            copies.append(adversarial)
+        copies = copies_from_gradient(clean, gradient, methods, epsilons)
+        for index, (method, adversarial) in enumerate(zip(methods, copies)):
             # one forward/backward per copy: the gradient of one pass over all copies, at a plain step's memory
             pred_adv = self.predict(adversarial)
             loss_adv = self.loss(pred_adv, self.targets)
@@ -654,12 +666,8 @@ class _Iteration:
             step.adversarial = replaced.detach()
             trained = _with_meta(replaced.to(self.inputs.dtype), self.inputs)
             output[CommonKeys.IMAGE] = trained
-            pred = self.predict(trained)
-            output[CommonKeys.PRED] = pred
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            output[CommonKeys.LOSS] = self.loss(pred, self.targets)
-            engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            self.backward(output[CommonKeys.LOSS])
+            _, loss = self.forward_and_loss(trained, self.targets)
+            self.backward(loss)
             self.values["adv_epsilon"] = torch.stack([epsilons[m.name].mean() for m in methods]).mean()
             return self.optimizer_step()
         copies = step.make_copies(network, attack_loss, images, labels, methods, epsilons)
@@ -698,7 +706,7 @@ class _Iteration:
         self.optimizer_step()
 
     def free(self, epsilons: dict[str, torch.Tensor], ids: list[str] | None) -> None:
-        engine, output, step = self.engine, self.engine.state.output, self.step
+        step = self.step
         if ids is None:
             raise ValueError(
                 "free adversarial training keeps a perturbation per image, keyed by its file name: the batch's "
@@ -715,12 +723,7 @@ class _Iteration:
                 delta[b] = kept.to(clean)
         bounds = clamp_bounds(clean, spec.clamp, spec.value_range)
         x = project_and_clamp(clean + delta, clean, eps, bounds).requires_grad_(True)
-        pred = self.predict(x)
-        output[CommonKeys.PRED] = pred
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        loss = self.loss(pred, self.targets)
-        output[CommonKeys.LOSS] = loss
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        _, loss = self.forward_and_loss(x, self.targets)
         self.backward(loss)
         gradient = x.grad
         x_detached = x.detach()
@@ -730,7 +733,7 @@ class _Iteration:
             step.deltas[key] = updated[b].detach().to(store)
         self.values["adv_samples"] = float(self.size)
         self.values["adv_epsilon"] = eps.mean()
-        self.values["adv_loss_fgsm" if method.name == "fgsm" else f"adv_loss_{method.name}"] = loss.detach()
+        self.values[f"adv_loss_{method.name}"] = loss.detach()
         step.adversarial = x_detached
         self.optimizer_step()
 

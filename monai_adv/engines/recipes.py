@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from monai_adv.attacks.spec import AttackSpec, create_dataclass
 from monai_adv.errors import SettingsError
 
 __all__ = ["PRESET_DEFAULTS", "RECIPES", "STEP_MODES", "TrainingRecipe", "epsilon_factor", "recipe_preset"]
@@ -103,19 +104,7 @@ class TrainingRecipe:
             TypeError: for an unknown option, listing the valid ones.
             ValueError: for a bad value (see the class).
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        base: dict[str, Any] = {}
-        if isinstance(recipe, TrainingRecipe):
-            base = dataclasses.asdict(recipe)
-        elif isinstance(recipe, Mapping):
-            base = dict(recipe)
-        elif recipe is not None:
-            raise TypeError(f"recipe must be a TrainingRecipe, a mapping or None, got {type(recipe).__name__}.")
-        base.update(options)
-        unknown = sorted(set(base) - names)
-        if unknown:
-            raise TypeError(f"unknown recipe option(s) {unknown}: the options are {sorted(names)}.")
-        return cls(**base)
+        return create_dataclass(cls, recipe, options, "recipe", "recipe must be a TrainingRecipe, a mapping or None")
 
     def as_dict(self) -> dict[str, Any]:
         """The options as plain values (for logs and MLflow parameters)."""
@@ -195,14 +184,10 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 #: Every setting a preset may give, with its default (the bundle's ``adv`` block reads each).
+_PRESET_ATTACK_OPTIONS = ("epsilon", "num_steps", "random_start", "start_radius", "relative_step", "project")
 PRESET_DEFAULTS: dict[str, Any] = {
     "method": "fgsm",
-    "epsilon": 0.1,
-    "num_steps": 1,
-    "random_start": False,
-    "start_radius": 1.0,
-    "relative_step": None,
-    "project": True,
+    **{f.name: f.default for f in dataclasses.fields(AttackSpec) if f.name in _PRESET_ATTACK_OPTIONS},
     **{f.name: f.default for f in dataclasses.fields(TrainingRecipe)},
 }
 

@@ -13,6 +13,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from monai_adv.data.augmentation import AUGMENTATIONS
 from monai_adv.engines.recipes import RECIPES
 from monai_adv.errors import SettingsError
 
@@ -200,6 +201,7 @@ _CHECKS: dict[str, Any] = {
     "adv#replace_fraction": lambda v: _number("adv#replace_fraction", v, 0.0, 1.0),
     "adv#mode": lambda v: _choice("adv#mode", v, ("append", "replace", "free")),
     "adv#recipe": lambda v: _choice("adv#recipe", v, tuple(RECIPES)),
+    "augment": lambda v: _choice("augment", v, AUGMENTATIONS),
     "adv#fused": lambda v: _boolean("adv#fused", v),
     "adv#track_loss": lambda v: _boolean("adv#track_loss", v),
 }
@@ -213,7 +215,7 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     ``learning_rate`` (> 0), ``val_fraction`` (in (0, 1]), ``resume`` (true/false), and the ``adv#*`` settings:
     ``method`` (none, fgsm, invfgsm, both; ``pgd`` is told to use ``--adv#num_steps``), ``epsilon`` (>= 0, or a
     ``[low, high]`` range), ``num_steps`` (>= 1), ``start_epoch`` (>= 0), ``prob`` and ``replace_fraction``
-    (in [0, 1]), ``mode`` (append, replace), ``fused`` and ``track_loss`` (true/false), and ``intensity_range``
+    (in [0, 1]), ``mode`` (append, replace, free), ``recipe`` (a preset), ``augment`` (none, standard), ``fused`` and ``track_loss`` (true/false), and ``intensity_range``
     (see :func:`intensity_range`) and ``image_size`` with ``spatial_dims`` (see :func:`spatial_size`).
 
     Args:

@@ -36,6 +36,7 @@ LOCK_NAME = "training.lock"
 ARCHIVE_DIR = "previous_runs"
 CHECKPOINT_PATTERN = "checkpoint_epoch=*.pt"
 BEST_MODEL_NAME = "model.pt"
+HISTORY_NAME = "training_history.json"  # monai_adv.bundle.TrainingHistory's file in the bundle
 
 # settings a resumed training may change: they do not change what is trained, only for how long and how fast
 RESUMABLE_SETTINGS = ("max_epochs", "val_interval", "num_workers", "adv#track_loss", "resume")
@@ -230,7 +231,8 @@ class TrainingRun:
 
     def _archive_previous(self) -> None:
         files = sorted(self.ckpt_dir.glob(CHECKPOINT_PATTERN))
-        files += [self.ckpt_dir / name for name in (BEST_MODEL_NAME, RECORD_NAME) if (self.ckpt_dir / name).is_file()]
+        names = (BEST_MODEL_NAME, RECORD_NAME, HISTORY_NAME)
+        files += [self.ckpt_dir / name for name in names if (self.ckpt_dir / name).is_file()]
         if not files:
             return
         previous = read_json_object(self.ckpt_dir / RECORD_NAME) or {}

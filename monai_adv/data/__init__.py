@@ -1,5 +1,6 @@
 """Data for the bundle: checked datalists from folders or JSON, a file-naming loader, and the generated default dataset."""
 
+from monai_adv.data.augmentation import AUGMENTATIONS, training_augmentation
 from monai_adv.data.checks import (
     MAX_CLIPPED_FRACTION,
     ImageHeader,
@@ -24,6 +25,7 @@ from monai_adv.data.loading import CheckedLoadImageD, CheckedLoadImaged, Checked
 from monai_adv.data.synthetic import ensure_synthetic_dataset, make_synthetic_dataset
 
 __all__ = [
+    "AUGMENTATIONS",
     "IMAGE_SUFFIXES",
     "MAX_CLIPPED_FRACTION",
     "CheckedLoadImageD",
@@ -45,4 +47,5 @@ __all__ = [
     "read_header",
     "read_values",
     "split_datalist",
+    "training_augmentation",
 ]

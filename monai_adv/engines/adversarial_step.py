@@ -222,6 +222,8 @@ class AdversarialTrainingStep:
         self._rewritten_iteration: int | None = None
         self.last_iteration: tuple[int, int] | None = None
         """``(id(engine), iteration)`` of the latest iteration this step ran."""
+        self.last_trained_samples = 0
+        """How many samples the latest iteration's loss was backpropagated through (clean and appended copies)."""
         self.logger = logging.getLogger("monai_adv.AdversarialTrainingStep")
 
     # ------------------------------------------------------------------------------------------------- settings
@@ -353,6 +355,8 @@ class AdversarialTrainingStep:
             run.free(self._epsilons(epoch, size, inputs), _sample_ids(inputs, batchdata, size))
         else:
             run.separate(self._choose_methods(), self._epsilons(epoch, size, inputs))
+        appended = kind in ("fused", "separate") and self.recipe.mode == "append"
+        self.last_trained_samples = size + (int(self.last_values.get("adv_samples", 0)) if appended else 0)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 

@@ -22,6 +22,7 @@ from torch import nn
 from monai_adv.attacks.gradient_sign import ClampMode, LossFunction
 from monai_adv.attacks.sweep import gradient_sign_sweep
 from monai_adv.bundle.locks import FolderLock
+from monai_adv.errors import SettingsError
 from monai_adv.evaluation.robustness import load_network_weights
 
 __all__ = ["AdversarialDatasetWriter", "save_scaled_image"]
@@ -166,6 +167,7 @@ class AdversarialDatasetWriter:
         self.clamp, self.value_range, self.amp = clamp, tuple(value_range), amp
         self.image_key, self.label_key = image_key, label_key
         self.logger = logging.getLogger("AdversarialDatasetWriter")
+        self.result: dict[str, Any] | None = None
 
     def _write(self, array: torch.Tensor, path: Path, is_mask: bool, affine: torch.Tensor | None = None) -> str:
         return save_scaled_image(array, path, (self.low, self.high), is_mask=is_mask, affine=affine)
@@ -190,7 +192,27 @@ class AdversarialDatasetWriter:
             previous = self.output_dir / "datalist.json"
             if previous.is_file():
                 self.logger.warning("replacing the adversarial copies and datalists in %s", self.output_dir)
-            return self._run()
+            self.result = self._run()
+            return self.result
+
+    def require_written(self) -> dict[str, Any]:
+        """The bundle's ``run augment`` finalize step: fail when :meth:`run` never ran.
+
+        ``augment`` is both the workflow's id and the training setting ``--augment``: on the command line of
+        ``run augment``, ``--augment standard`` replaces the workflow's run list, and MONAI would then finish
+        without writing anything.
+
+        Raises:
+            SettingsError: when nothing was written, saying why and what to do.
+        """
+        if self.result is None:
+            raise SettingsError(
+                f"run augment wrote no adversarial copies into {self.output_dir}: its run list was replaced, most "
+                "likely by --augment on the command line (augment is also the name of this workflow). Leave "
+                "--augment out of run augment: the copies are made of the training images without the random "
+                "training augmentation."
+            )
+        return self.result
 
     def _run(self) -> dict[str, Any]:
         from monai.utils import optional_import

@@ -152,6 +152,17 @@ class _Scores:
         return out
 
 
+def _image_names(batch: Any, key: str, first_index: int) -> list[str]:
+    """The batch's image names (file stems from the images' ``filename_or_obj``, else ``id``, else the index)."""
+    size = len(batch[key])
+    names = getattr(batch[key], "meta", {}).get("filename_or_obj") if isinstance(batch, dict) else None
+    if names is None and isinstance(batch, dict):
+        names = batch.get("id")
+    if isinstance(names, (list, tuple)) and len(names) == size:
+        return [Path(str(n)).stem if isinstance(n, (str, os.PathLike)) else str(n) for n in names]
+    return [str(first_index + i) for i in range(size)]
+
+
 def _nanmean(values: torch.Tensor, dim: int) -> torch.Tensor:
     valid = ~torch.isnan(values)
     total = torch.where(valid, values, torch.zeros_like(values)).sum(dim)
@@ -179,7 +190,8 @@ class RobustnessEvaluator(Engine):
     When the run completes it writes, under ``output_dir``: ``robustness.json`` (``{"checkpoint", "num_images",
     "results": [rows], "checks": {...}, "suspect_gradient_masking": bool, "suspect_reasons": [...]}``, each row
     ``{"attack", "loss", "epsilon", "num_steps", "restarts", "mean_iou", "mean_dice", "pooled_iou", ...}``),
-    ``robustness.csv``, ``robustness.png`` (IoU against epsilon) and, with ``num_examples > 0``,
+    ``robustness.csv``, ``robustness_per_image.csv`` (each image's IoU and Dice per row, clean included, named by
+    the file stem of its ``filename_or_obj``), ``robustness.png`` (IoU against epsilon) and, with ``num_examples > 0``,
     ``robustness_examples.png`` (input, FGSM and InvFGSM images at ``example_epsilon``, amplified difference,
     label, predictions). It puts ``robust_iou/<attack>/eps_<e>`` into ``state.metrics``, adds the files to the
     artifacts of an attached ``MLFlowHandler``, and logs a warning for every check that fails.
@@ -335,6 +347,7 @@ class RobustnessEvaluator(Engine):
         self.examples: dict[str, list[torch.Tensor]] = {}
         self._num_images = 0
         self._batch_index = 0
+        self._image_names: list[str] = []
         # Registered before any handler attaches, so that the files exist when MLFlowHandler logs artifacts.
         self.add_event_handler(Events.STARTED, self._reset)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._finish)
@@ -349,7 +362,7 @@ class RobustnessEvaluator(Engine):
     def _reset(self) -> None:
         self._generator.manual_seed(self.seed)
         self._scores, self.examples, self._num_images, self._batch_index = {}, {}, 0, 0
-        self.rows, self.checks = [], {}
+        self.rows, self.checks, self._image_names = [], {}, []
 
     def _loss_name(self, spec_loss: str) -> str:
         return type(self.loss_function).__name__ if spec_loss == "training" else spec_loss
@@ -380,6 +393,7 @@ class RobustnessEvaluator(Engine):
 
     def _iteration(self, engine: Engine, batch: dict) -> dict:
         # plain tensors: metadata tracking would only slow the many forward passes down
+        self._image_names.extend(_image_names(batch, self.image_key, self._num_images))
         images = convert_to_tensor(batch[self.image_key], track_meta=False).to(self.device)
         labels = convert_to_tensor(batch[self.label_key], track_meta=False).to(self.device)
         self.network.eval()
@@ -546,7 +560,9 @@ class RobustnessEvaluator(Engine):
             writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        self.files = [str(json_path), str(csv_path)]
+        per_image_path = self.output_dir / "robustness_per_image.csv"
+        self._write_per_image(per_image_path, rows)
+        self.files = [str(json_path), str(csv_path), str(per_image_path)]
         curve = [dict(r, attack=f"apgd ({r['loss']})" if r["attack"] == "apgd" else r["attack"]) for r in rows]
         self.files.append(
             plot_robustness_curve(curve, self.output_dir / "robustness.png", f"{self._num_images} images")
@@ -556,6 +572,24 @@ class RobustnessEvaluator(Engine):
         self._add_mlflow_artifacts()
         self.logger.info("robustness of %s on %d images: wrote %s\n%s", self.checkpoint, self._num_images,
                          self.files, format_table(rows))  # fmt: skip
+
+    def _write_per_image(self, path: Path, rows: list[dict[str, Any]]) -> None:
+        """One line per image and row of ``rows``: ``image, attack, loss, epsilon, iou, dice`` (for paired
+        comparisons between checkpoints, e.g. a bootstrap over images)."""
+        with open(path, "w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["image", "attack", "loss", "epsilon", "iou", "dice"])
+            for row in rows:
+                if row["epsilon"] == 0 and row["attack"] != "ensemble":
+                    continue  # the clean scores are written once, as the ensemble's epsilon-0 line or below
+                scores = self.per_image(row["attack"], row["epsilon"], row["loss"] if row["attack"] == "apgd" else None)
+                for name, iou, dice in zip(self._image_names, scores["iou"].tolist(), scores["dice"].tolist()):
+                    writer.writerow([name, row["attack"], row["loss"], f"{row['epsilon']:g}", f"{iou:.6f}",
+                                     f"{dice:.6f}"])  # fmt: skip
+            if not any(r["attack"] == "ensemble" for r in rows):
+                scores = self.per_image("clean", 0.0)
+                for name, iou, dice in zip(self._image_names, scores["iou"].tolist(), scores["dice"].tolist()):
+                    writer.writerow([name, "clean", "none", "0", f"{iou:.6f}", f"{dice:.6f}"])
 
     def per_image(self, attack: str, epsilon: float, loss: str | None = None) -> dict[str, torch.Tensor]:
         """Each image's IoU and Dice (mean over its foreground classes present in the label; NaN when none is) under

@@ -151,6 +151,13 @@ def test_resume_continues_the_latest_training_and_keeps_its_best_model(bundle, t
     assert saved["best_model_saver"]["_saved"][0][0] == pytest.approx(0.999)
     assert json.loads((models / "training_run.json").read_text())["run_id"] == run_b
 
+    assert (models / "previous_runs" / run_a / "training_history.json").is_file()
+    history = json.loads((models / "training_history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]  # epoch 1 from before the resume, continued
+    assert all("val_mean_iou" in e and e["iterations"] == 2 for e in history["epochs"])
+    assert history["total"]["iterations"] == 4
+    assert history["total"]["images"] == sum(e["images"] for e in history["epochs"])
+
     client, runs = mlflow_runs(bundle, root)
     assert set(runs) == {run_a, run_b}, "resume must continue B's MLflow run, not open another"
     b_iou = [m.step for m in client.get_metric_history(runs[run_b].info.run_id, "val_mean_iou")]

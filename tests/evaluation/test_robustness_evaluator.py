@@ -92,6 +92,22 @@ def test_ensemble_is_the_worst_case_image_by_image(evaluated):
     assert clean > 0.8  # the model is a real segmenter before the attack
 
 
+def test_per_image_file_gives_each_row_mean(evaluated):
+    import csv
+
+    with open(evaluated.output_dir / "robustness_per_image.csv") as stream:
+        lines = list(csv.DictReader(stream))
+    for row in evaluated.rows:
+        if row["epsilon"] == 0 and row["attack"] != "ensemble":
+            continue
+        values = [float(x["iou"]) for x in lines if x["attack"] == row["attack"] and x["loss"] == row["loss"]
+                  and float(x["epsilon"]) == pytest.approx(row["epsilon"], rel=1e-5)]  # fmt: skip
+        assert len(values) == len(evaluated.per_image("clean", 0)["iou"])
+        assert sum(values) / len(values) == pytest.approx(row["mean_iou"], abs=1e-5), row
+    names = {x["image"] for x in lines}
+    assert len(names) == len(evaluated.per_image("clean", 0)["iou"])  # one name per image, the same in every row
+
+
 def test_segmentation_attacks_are_no_weaker_than_pgd(evaluated):
     positive = [e for e in STRONG["epsilons"] if e > 0]
     mean = lambda attack: (

@@ -7,6 +7,7 @@ and they stay with the bundle root they describe.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ def _number(value: Any) -> float | None:
         number = float(value)
     except (TypeError, ValueError):
         return None
-    return number if number == number else None  # NaN is not a measurement
+    return None if math.isnan(number) else number  # NaN is not a measurement
 
 
 class TrainingHistory:

@@ -51,9 +51,13 @@ def training_augmentation(
         *[RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)],
         RandRotate90d(keys=keys, prob=0.5, max_k=3, spatial_axes=(0, 1)),
         RandAffined(
-            keys=keys, prob=0.5, rotate_range=rotate, scale_range=(0.1,) * spatial_dims,
-            mode=["bilinear", "nearest"] if len(keys) > 1 else "bilinear", padding_mode="border",
-        ),  # fmt: skip
+            keys=keys,
+            prob=0.5,
+            rotate_range=rotate,
+            scale_range=(0.1,) * spatial_dims,
+            mode=["bilinear", "nearest"] if len(keys) > 1 else "bilinear",
+            padding_mode="border",
+        ),
         RandGaussianNoised(keys=image, prob=0.3, mean=0.0, std=0.02),
         RandAdjustContrastd(keys=image, prob=0.3, gamma=(0.8, 1.2)),
     ]

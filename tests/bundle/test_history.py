@@ -48,7 +48,9 @@ def test_counts_steps_and_the_images_each_step_trained_on(
     handler = None
     if methods:
         transforms = [cls(keys="image", epsilon=0.05, batched=True) for cls in methods]
-        handler = AdversarialAugmentationHandler(transforms, mode=mode, replace_fraction=1.0 if mode == "replace" else None)
+        handler = AdversarialAugmentationHandler(
+            transforms, mode=mode, replace_fraction=1.0 if mode == "replace" else None
+        )
     _, written = _run(tmp_path, make_basic_unet, make_dicece, make_square_data, handler)
     assert [e["epoch"] for e in written["epochs"]] == [1, 2]
     for entry in written["epochs"]:
@@ -73,7 +75,7 @@ def test_state_dict_continues_the_counters_and_drops_later_entries(tmp_path, mak
     resumed.epochs.append({"epoch": 3, "seconds": 1.0, "iterations": 2, "images": 8})
 
     class _Started:
-        class state:  # noqa: N801
+        class state:
             epoch = 2
 
     resumed._started(_Started)

@@ -30,7 +30,9 @@ def test_standard_augmentation_reaches_training_only(bundle, tmp_path):
     assert not any(type(t).__name__.startswith("Rand") for t in plain)  # the default is none
     # run augment writes copies of the training images as they are, whatever --augment says
     augment = _parsed(bundle, tmp_path, "augment.json")
-    assert not any(type(t).__name__.startswith("Rand") for t in augment.get_parsed_content("train#preprocessing").transforms)
+    assert not any(
+        type(t).__name__.startswith("Rand") for t in augment.get_parsed_content("train#preprocessing").transforms
+    )
 
 
 def test_standard_augmentation_keeps_labels_integer_and_changes_images():

@@ -141,7 +141,8 @@ def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
         assert sorted(history) == [1, 2, 3]
         assert val_rows[label][-1] == f"{history[3]:.4f}"
     # one adversarial copy per training item for each offline method, from the UNet arm's checkpoint
-    offline = json.loads((output / "work" / "runs" / "seed0" / "offline_data" / "datalist_invfgsm.json").read_text())
+    offline_data = output / "work" / "runs" / "seed0" / "invfgsm_offline" / "offline_data"
+    offline = json.loads((offline_data / "datalist_invfgsm.json").read_text())
     assert len(offline["training"]) == 32 and offline["checkpoint"].endswith(
         str(Path("seed0", "unet", "models", "model.pt"))
     )

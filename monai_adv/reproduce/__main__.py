@@ -1,7 +1,7 @@
 """``python -m monai_adv.reproduce --dataset_dir DIR --profile {smoke,cpu,paper} --seeds 0 1 2 --output OUT``.
 
-Trains the five arms (UNet; UNet + FGSM and UNet + InvFGSM online; the same two by the paper's offline protocol)
-for every seed with the bundle, evaluates robustness on the test split, and writes ``OUT/results.md`` and
+Runs the paper's protocol as one study (see :mod:`monai_adv.study`): trains the five arms (UNet; UNet + FGSM and
+UNet + InvFGSM online; the same two by the paper's offline protocol) for every seed with the bundle, evaluates robustness on the test split, and writes ``OUT/results.md`` and
 ``OUT/results/*.png`` from what it measured. Bundle roots and logs go to ``--work_dir`` (default ``OUT/work``).
 """
 
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from monai_adv.reproduce.pipeline import BUNDLE_DIR, Reproduction
+from monai_adv.reproduce.pipeline import Reproduction
 from monai_adv.reproduce.profiles import PROFILES
 from monai_adv.reproduce.report import write_report
 
@@ -33,12 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="where results.md and results/ go")
     parser.add_argument("--work_dir", default=None, help="bundle roots and prepared data (default OUTPUT/work)")
     parser.add_argument("--max_epochs", type=int, default=None, help="override the profile's training length")
+    parser.add_argument("--bundle_dir", default=None, help="the bundle (default: bundles/ here or in the checkout)")
     return parser.parse_args(argv)
 
 
 def code_version() -> str:
     """``git describe`` and commit of the code that ran (``unknown`` outside a git checkout)."""
-    root = BUNDLE_DIR.parents[1]
+    root = Path(__file__).resolve().parents[2]  # the checkout monai_adv was imported from, if it is one
     try:
         describe = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=root, capture_output=True,
                                   text=True, check=True).stdout.strip()  # fmt: skip
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> Path:
     output = Path(args.output)
     work_dir = Path(args.work_dir) if args.work_dir else output / "work"
     profile = PROFILES[args.profile]
-    reproduction = Reproduction(args.dataset_dir, profile, args.seeds, work_dir, max_epochs=args.max_epochs)
+    reproduction = Reproduction(args.dataset_dir, profile, args.seeds, work_dir, max_epochs=args.max_epochs,
+                                bundle_dir=args.bundle_dir)  # fmt: skip
     results = reproduction.run()
     command = shlex.join(["python", "-m", "monai_adv.reproduce", *(sys.argv[1:] if argv is None else argv)])
     context = {

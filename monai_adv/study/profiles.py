@@ -1,0 +1,76 @@
+"""The profiles of the reproduction and the studies: how big a run is (images, network, epochs), not what it measures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["PROFILES", "Profile"]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Settings of one reproduction profile.
+
+    Attributes:
+        name: ``smoke``, ``cpu`` or ``paper``.
+        description: one line for the results page.
+        overrides: bundle overrides for every workflow (image size, network, optimiser, loss...).
+        max_epochs: training length; the paper's epochs 0/10/20/30 are scaled to it.
+        extra_configs: overlays added after ``train.json`` (e.g. ``paper.json``).
+        adv_epsilon: epsilon of the augmentation (online and offline), the paper's 0.1.
+        attack_steps: steps of every iterative attack of the robustness evaluation (PGD, SegPGD, CosPGD, APGD).
+        robust_epsilons: the epsilons of the robustness evaluation: the paper's, and 2/255 and 4/255 for the
+            ensemble.
+        iterative_epsilons: where the iterative attacks and the ensemble run (FGSM and InvFGSM run at all).
+        limits: at most this many items of ``train``/``validation``/``test`` (None: all).
+    """
+
+    name: str
+    description: str
+    overrides: dict[str, Any]
+    max_epochs: int
+    extra_configs: tuple[str, ...] = ()
+    adv_epsilon: float = 0.1
+    attack_steps: int = 10
+    robust_epsilons: tuple[float, ...] = (0.0, 2 / 255, 4 / 255, 0.0118, 0.1176)
+    iterative_epsilons: tuple[float, ...] = (2 / 255, 4 / 255)
+    limits: dict[str, int | None] = field(default_factory=lambda: {"train": None, "validation": None, "test": None})
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        description="tiny check that the pipeline runs end to end (32x32 images, BasicUNet 8-32, 3 epochs, "
+        "16/8/8 images); its numbers mean nothing",
+        overrides={"image_size": 32, "features": [8, 8, 16, 16, 32, 8], "batch_size": 8, "learning_rate": 1e-3},
+        max_epochs=3,
+        attack_steps=3,
+        limits={"train": 16, "validation": 8, "test": 8},
+    ),
+    "cpu": Profile(
+        name="cpu",
+        description="sized for a 2-core CPU (about 45 minutes for 3 seeds): 64x64 images, BasicUNet 16-128 features, "
+        "Dice+CE loss, Adam 1e-3, batch 16, 12 epochs, iterative attacks with 5 steps (smaller and shorter than the "
+        "paper's setup)",
+        # adv#track_loss off: the handler's extra forward pass only logs the loss on the copies (saves ~10%)
+        overrides={
+            "image_size": 64,
+            "features": [16, 16, 32, 64, 128, 16],
+            "batch_size": 16,
+            "learning_rate": 1e-3,
+            "adv#track_loss": False,
+        },
+        max_epochs=12,
+        attack_steps=5,
+    ),
+    "paper": Profile(
+        name="paper",
+        description="the paper's setup (configs/paper.json): 128x128 images, BasicUNet 32-256, SGD lr 0.1 momentum "
+        "0.99, categorical cross-entropy, batch 16, 30 epochs; for a GPU",
+        overrides={},
+        max_epochs=30,
+        extra_configs=("paper.json",),
+        attack_steps=10,
+    ),
+}

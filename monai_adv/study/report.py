@@ -1,0 +1,461 @@
+"""The study's page: every arm's scores over seeds, paired differences against its compute-matched control with
+bootstrap intervals, cost, a Pareto plot, the default chosen by the stated rule, and the commands that ran.
+
+Every number on the page is computed here from the raw results that :class:`~monai_adv.study.StudyRunner`
+collected from the workflows' files; nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monai_adv.study.spec import StudySpec
+
+__all__ = ["arm_cost", "choose_default", "paired_bootstrap", "plateau_epoch", "summarize", "write_study_report"]
+
+#: the rule's tolerance on clean IoU against the compute-matched control (1 IoU point)
+CLEAN_TOLERANCE = 0.01
+#: the target: at least this multiple of the control's robust IoU at the first quoted epsilon
+ROBUST_FACTOR = 2.0
+BOOTSTRAP_SAMPLES = 2000
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+
+
+def _fmt(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
+    if not values:
+        return "–"
+    mean, std = _mean_std([scale * v for v in values])
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def robust_key(epsilon: float) -> str:
+    """The per-image key of the ensemble at ``epsilon``."""
+    return f"ensemble@{epsilon:g}"
+
+
+def _row_value(result: Mapping[str, Any], attack: str, epsilon: float, key: str) -> float:
+    for row in result["robustness"]:
+        if row["attack"] == attack and math.isclose(row["epsilon"], epsilon, rel_tol=1e-6, abs_tol=1e-12):
+            return float(row[key])
+    raise KeyError(f"no {attack} row at epsilon {epsilon:g} in {result.get('root')}.")
+
+
+def clean_score(result: Mapping[str, Any], key: str = "mean_iou") -> float:
+    """Clean test score of the arm's best checkpoint (the epsilon-0 row of its robustness run)."""
+    for row in result["robustness"]:
+        if row["epsilon"] == 0:
+            return float(row[key])
+    raise KeyError(f"no clean (epsilon 0) row in {result.get('root')}.")
+
+
+def robust_score(result: Mapping[str, Any], epsilon: float) -> float:
+    """Mean IoU under the ensemble at ``epsilon``."""
+    return _row_value(result, "ensemble", epsilon, "mean_iou")
+
+
+def paired_bootstrap(
+    arm: Mapping[str, Mapping[str, float]],
+    control: Mapping[str, Mapping[str, float]],
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The mean paired difference (arm minus control) of a per-image score, with a 95% percentile interval from a
+    bootstrap over seeds and test images.
+
+    Seeds are paired by number, images by name; each bootstrap sample draws seeds with replacement, then images
+    with replacement (the same images for every drawn seed, as the test set is shared), and averages the
+    differences. Images with a NaN score (no foreground) are left out.
+
+    Args:
+        arm, control: ``{seed: {image: score}}``.
+        samples: bootstrap samples.
+        seed: of the bootstrap's generator (the page is reproducible).
+
+    Returns:
+        ``{"mean", "low", "high", "seeds", "images"}``; ``mean`` is None when no seed is shared.
+    """
+    seeds = sorted(set(arm) & set(control), key=int)
+    if not seeds:
+        return {"mean": None, "low": None, "high": None, "seeds": 0, "images": 0}
+    images = sorted(set.intersection(*(set(arm[s]) & set(control[s]) for s in seeds)))
+    diff = np.array([[arm[s][i] - control[s][i] for i in images] for s in seeds], dtype=float)
+    keep = ~np.isnan(diff).any(axis=0)
+    diff = diff[:, keep]
+    if diff.size == 0:
+        return {"mean": None, "low": None, "high": None, "seeds": len(seeds), "images": 0}
+    rng = np.random.default_rng(seed)
+    n_seeds, n_images = diff.shape
+    seed_draw = rng.integers(0, n_seeds, size=(samples, n_seeds))
+    image_draw = rng.integers(0, n_images, size=(samples, n_images))
+    means = np.array([diff[np.ix_(s, i)].mean() for s, i in zip(seed_draw, image_draw)])
+    return {"mean": float(diff.mean()), "low": float(np.percentile(means, 2.5)),
+            "high": float(np.percentile(means, 97.5)), "seeds": n_seeds, "images": n_images}  # fmt: skip
+
+
+def arm_cost(results: Mapping[str, Any], spec: StudySpec, arm: str, seed: str) -> dict[str, float]:
+    """One arm's training cost for one seed, with what it builds on (the arm it starts from, the arm whose model
+    made its offline copies, and writing those copies).
+
+    Returns:
+        ``{"iterations", "images", "seconds", "own_seconds", "seconds_per_step"}`` (seconds: training wall time,
+        validation excluded, plus the offline writing).
+    """
+    result = results["arms"][arm][seed]
+    cost = result["cost"]
+    total = {"iterations": float(cost["iterations"]), "images": float(cost["images"]),
+             "seconds": float(cost["train_seconds"]) + float(cost.get("offline_seconds", 0.0))}  # fmt: skip
+    own_step = float(cost["train_seconds"]) / max(float(cost["iterations"]), 1.0)
+    for other in spec.arm(arm).depends_on:
+        if seed in results["arms"].get(other, {}):
+            below = arm_cost(results, spec, other, seed)
+            for key in ("iterations", "images", "seconds"):
+                total[key] += below[key]
+    return {**total, "own_seconds": float(cost["train_seconds"]), "seconds_per_step": own_step}
+
+
+def plateau_epoch(curve: Mapping[str, float], tolerance: float = CLEAN_TOLERANCE) -> int | None:
+    """The first epoch from which the best validation IoU so far stays within ``tolerance`` of the run's best."""
+    if not curve:
+        return None
+    epochs = sorted(int(e) for e in curve)
+    best = max(curve.values())
+    running = -math.inf
+    for epoch in epochs:
+        running = max(running, curve[str(epoch)])
+        if running >= best - tolerance:
+            return epoch
+    return epochs[-1]
+
+
+def summarize(results: Mapping[str, Any], spec: StudySpec) -> dict[str, Any]:
+    """Per arm: scores over seeds, cost, and the paired differences against its control.
+
+    Returns:
+        ``{"arms": {arm: {...}}, "epsilons": [...], "plain_arm"}``.
+    """
+    epsilons = spec.quoted_epsilons
+    plain = spec.plain_arm
+    out: dict[str, Any] = {"arms": {}, "epsilons": epsilons, "plain_arm": plain}
+    for arm in spec.arms:
+        runs = results["arms"].get(arm.name)
+        if not runs:
+            continue
+        seeds = sorted(runs, key=int)
+        entry: dict[str, Any] = {
+            "label": arm.label,
+            "seeds": [int(s) for s in seeds],
+            "clean_iou": [clean_score(runs[s]) for s in seeds],
+            "clean_dice": [clean_score(runs[s], "mean_dice") for s in seeds],
+            "robust_iou": {f"{e:g}": [robust_score(runs[s], e) for s in seeds] for e in epsilons},
+            "control": arm.control,
+            "candidate": arm.candidate,
+            "checks_failed": sorted(
+                {k for s in seeds for k, c in runs[s].get("checks", {}).items() if c.get("passed") is False}
+            ),
+        }
+        costs = [arm_cost(results, spec, arm.name, s) for s in seeds]
+        entry["cost"] = {key: [c[key] for c in costs] for key in costs[0]}
+        if plain and plain in results["arms"]:
+            ratios = []
+            for s, c in zip(seeds, costs):
+                base = results["arms"][plain].get(s)
+                if base is not None:
+                    base_step = float(base["cost"]["train_seconds"]) / max(float(base["cost"]["iterations"]), 1.0)
+                    ratios.append(c["seconds_per_step"] / base_step)
+            entry["step_ratio"] = ratios
+        if arm.control and arm.control in results["arms"]:
+            control_runs = results["arms"][arm.control]
+            per_image = lambda runs_, key: {s: r["per_image"].get(key, {}) for s, r in runs_.items()}
+            entry["vs_control"] = {
+                "clean_iou": paired_bootstrap(per_image(runs, "clean"), per_image(control_runs, "clean")),
+                **{f"robust_iou@{e:g}": paired_bootstrap(per_image(runs, robust_key(e)),
+                                                         per_image(control_runs, robust_key(e)))
+                   for e in epsilons},
+            }  # fmt: skip
+            shared = [s for s in seeds if s in control_runs]
+            entry["control_clean_iou"] = [clean_score(control_runs[s]) for s in shared]
+            entry["control_robust_iou"] = {f"{e:g}": [robust_score(control_runs[s], e) for s in shared]
+                                           for e in epsilons}  # fmt: skip
+        out["arms"][arm.name] = entry
+    return out
+
+
+def choose_default(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply the rule: the most robust candidate (mean ensemble IoU at the first quoted epsilon) whose mean clean
+    IoU is within 1 point of its compute-matched control; if none is, the candidate with the best sum of clean and
+    robust IoU (the best trade-off). Also says whether the chosen one meets the target (within 1 point, and at
+    least twice the control's robust IoU).
+
+    Returns:
+        ``{"arm", "within_tolerance": bool, "reason", "meets_target": bool | None}``; ``arm`` is None without
+        candidates that have a control.
+    """
+    epsilons = summary["epsilons"]
+    if not epsilons:
+        return {"arm": None, "within_tolerance": False, "meets_target": None, "reason": "no quoted epsilon."}
+    key = f"{epsilons[0]:g}"
+    rows = []
+    for name, entry in summary["arms"].items():
+        if not entry["candidate"] or not entry.get("control_clean_iou"):
+            continue
+        clean, robust = float(np.mean(entry["clean_iou"])), float(np.mean(entry["robust_iou"][key]))
+        control_clean = float(np.mean(entry["control_clean_iou"]))
+        control_robust = float(np.mean(entry["control_robust_iou"][key]))
+        rows.append((name, clean, robust, control_clean, control_robust))
+    if not rows:
+        return {"arm": None, "within_tolerance": False, "meets_target": None,
+                "reason": "no candidate arm with a control has results yet."}  # fmt: skip
+    within = [r for r in rows if r[1] >= r[3] - CLEAN_TOLERANCE]
+    if within:
+        name, clean, robust, control_clean, control_robust = max(within, key=lambda r: r[2])
+        reason = (f"the most robust candidate within {100 * CLEAN_TOLERANCE:.0f} clean IoU point of its control "
+                  f"({len(within)} of {len(rows)} candidates are within it)")  # fmt: skip
+    else:
+        name, clean, robust, control_clean, control_robust = max(rows, key=lambda r: r[1] + r[2])
+        reason = (f"no candidate is within {100 * CLEAN_TOLERANCE:.0f} clean IoU point of its control: the best "
+                  "trade-off (largest clean + robust IoU)")  # fmt: skip
+    meets = bool(within) and robust >= ROBUST_FACTOR * control_robust and clean >= control_clean - CLEAN_TOLERANCE
+    return {"arm": name, "within_tolerance": bool(within), "reason": reason, "meets_target": meets,
+            "clean_iou": clean, "robust_iou": robust, "control_clean_iou": control_clean,
+            "control_robust_iou": control_robust, "epsilon": epsilons[0]}  # fmt: skip
+
+
+def _interval(stats: Mapping[str, Any] | None) -> str:
+    if not stats or stats.get("mean") is None:
+        return "–"
+    return f"{100 * stats['mean']:+.1f} [{100 * stats['low']:+.1f}, {100 * stats['high']:+.1f}]"
+
+
+def _verdict(entry: Mapping[str, Any], epsilons: Sequence[float]) -> str:
+    """One sentence on an arm against its control, from the intervals."""
+    vs = entry.get("vs_control")
+    if not vs:
+        return ""
+    clean = vs["clean_iou"]
+    parts = []
+    if clean["mean"] is not None:
+        if clean["high"] < 0:
+            parts.append(f"costs clean IoU ({_interval(clean)} points, the interval excludes 0)")
+        elif clean["low"] > 0:
+            parts.append(f"gains clean IoU ({_interval(clean)} points)")
+        else:
+            parts.append(f"no clean IoU difference shown ({_interval(clean)} points)")
+    for e in epsilons:
+        robust = vs[f"robust_iou@{e:g}"]
+        if robust["mean"] is None:
+            continue
+        word = (
+            "more robust"
+            if robust["low"] > 0
+            else ("less robust" if robust["high"] < 0 else "no robustness difference shown")
+        )
+        parts.append(f"{word} at ε {255 * e:.0f}/255 ({_interval(robust)} points)")
+    seeds = clean["seeds"] if clean else 0
+    return f"{'; '.join(parts)} (paired over {seeds} seed(s) and {clean.get('images', 0)} test images)."
+
+
+def _plot_pareto(summary: Mapping[str, Any], path: Path) -> Path:
+    from monai_adv.evaluation.figures import agg_pyplot
+
+    plt = agg_pyplot()
+    key = f"{summary['epsilons'][0]:g}"
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, entry in summary["arms"].items():
+        clean, robust = np.asarray(entry["clean_iou"]), np.asarray(entry["robust_iou"][key])
+        ax.errorbar(clean.mean(), robust.mean(), xerr=clean.std(ddof=1) if clean.size > 1 else 0,
+                    yerr=robust.std(ddof=1) if robust.size > 1 else 0, fmt="o" if entry["candidate"] else "s",
+                    capsize=3, label=entry["label"])  # fmt: skip
+        ax.annotate(name, (clean.mean(), robust.mean()), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("clean test IoU")
+    ax.set_ylabel(f"IoU under the ensemble at ε {255 * float(key):.0f}/255")
+    ax.set_title("accuracy against robustness (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_curves(results: Mapping[str, Any], spec: StudySpec, path: Path) -> Path:
+    from monai_adv.evaluation.figures import agg_pyplot
+
+    plt = agg_pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for arm in spec.arms:
+        runs = results["arms"].get(arm.name)
+        if not runs:
+            continue
+        epochs = sorted({int(e) for r in runs.values() for e in r["val_iou"]})
+        means = [np.mean([r["val_iou"][str(e)] for r in runs.values() if str(e) in r["val_iou"]]) for e in epochs]
+        ax.plot(epochs, means, marker=".", label=arm.label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation IoU (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path, context: Mapping[str, Any]) -> Path:
+    """Write ``output/<page>`` (default ``<name>.md``), its figures and ``summary.json`` under ``output/<name>/``.
+
+    Args:
+        results: the runner's raw results.
+        spec: the study.
+        output: the folder of the page.
+        context: ``command``, ``version``, ``machine``, ``wall_time_s``, ``commands``, ``resumed``, ``dataset_dir``,
+            ``source`` (the data's citation), ``counts``, ``timings``.
+
+    Returns:
+        the page's path.
+    """
+    output = Path(output)
+    figures = output / spec.name
+    figures.mkdir(parents=True, exist_ok=True)
+    summary = summarize(results, spec)
+    default = choose_default(summary)
+    epsilons = summary["epsilons"]
+    eps_names = [f"{255 * e:.0f}/255" for e in epsilons]
+    lines = [f"# {spec.title}", ""]
+    lines += [
+        (
+            "Generated by the study runner; every number below comes from the workflows' files (training history, "
+            "robustness JSON and per-image CSV). Do not edit by hand: run the command again."
+        ),
+        "",
+        f"- command: `{context.get('command', '')}`",
+        f"- study file: `{context.get('study_file', spec.source)}`",
+        f"- code: {context.get('version', 'unknown')}",
+        f"- machine: {context.get('machine', 'unknown')}",
+        f"- data: `{context.get('dataset_dir', '')}` ({', '.join(f'{k} {v}' for k, v in context.get('counts', {}).items())} images)",
+        f"- seeds: {', '.join(str(s) for s in results.get('seeds', []))}",
+        (
+            f"- this call's wall time: {context.get('wall_time_s', 0) / 60:.1f} min ({len(context.get('resumed', []))} "
+            "steps skipped because they had already run)"
+        ),
+    ]
+    if context.get("source"):
+        lines += [f"- about the data: {context['source']}"]
+    if spec.description:
+        lines += ["", spec.description]
+    lines += ["", "## The rule and the target", ""]
+    lines += [
+        (
+            f"The default recipe is the **most robust candidate** (mean IoU under the robustness ensemble at ε "
+            f"{eps_names[0] if eps_names else '–'}) **whose mean clean test IoU is within {100 * CLEAN_TOLERANCE:.0f} "
+            "point of its compute-matched control**. If no candidate is within it, the page picks the best trade-off "
+            "(largest clean + robust IoU) and says so. The target is stricter: within 1 point of the control's clean "
+            f"IoU **and** at least {ROBUST_FACTOR:g}x its robust IoU at ε {eps_names[0] if eps_names else '–'}."
+        ),
+        "",
+        (
+            "Robust IoU is the per-image worst case over FGSM, PGD, SegPGD, CosPGD and APGD (three losses) of `run "
+            "robustness` (white box, true labels), with its gradient-masking checks; differences are arm minus control, "
+            "in IoU points, with a 95% bootstrap interval over seeds and test images (paired by seed and image)."
+        ),
+    ]
+    lines += ["", "## Arms", ""]
+    header = ["arm", "seeds", "clean IoU", "clean Dice", *[f"robust IoU {n}" for n in eps_names],
+              "steps", "images seen", "time/step vs plain", "training min", "checks failed"]  # fmt: skip
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in summary["arms"].items():
+        cost = entry["cost"]
+        cells = [f"{entry['label']} (`{name}`)", str(len(entry["seeds"])), _fmt(entry["clean_iou"]),
+                 _fmt(entry["clean_dice"]), *[_fmt(entry["robust_iou"][f"{e:g}"]) for e in epsilons],
+                 f"{np.mean(cost['iterations']):.0f}", f"{np.mean(cost['images']):.0f}",
+                 _fmt(entry.get("step_ratio", []), digits=2) + "x" if entry.get("step_ratio") else "–",
+                 _fmt([s / 60 for s in cost["seconds"]], digits=1),
+                 ", ".join(entry["checks_failed"]) or "none"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        (
+            "Steps, images and minutes include what an arm builds on (the clean training a fine-tune starts from, the "
+            "model and the writing of offline copies); time per step is the arm's own, against the plain arm "
+            f"(`{summary['plain_arm']}`) of the same seed."
+        ),
+    ]
+    compared = {n: e for n, e in summary["arms"].items() if e.get("vs_control")}
+    if compared:
+        lines += ["", "## Against the compute-matched control", ""]
+        header = ["arm", "control", "Δ clean IoU [95% CI]", *[f"Δ robust IoU {n} [95% CI]" for n in eps_names],
+                  f"robust / control {eps_names[0]}", "target met"]  # fmt: skip
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        key0 = f"{epsilons[0]:g}"
+        for name, entry in compared.items():
+            vs = entry["vs_control"]
+            control_robust = float(np.mean(entry["control_robust_iou"][key0]))
+            ratio = float(np.mean(entry["robust_iou"][key0])) / control_robust if control_robust > 0 else math.inf
+            met = (float(np.mean(entry["clean_iou"])) >= float(np.mean(entry["control_clean_iou"])) - CLEAN_TOLERANCE
+                   and ratio >= ROBUST_FACTOR)  # fmt: skip
+            cells = [f"`{name}`", f"`{entry['control']}`", _interval(vs["clean_iou"]),
+                     *[_interval(vs[f"robust_iou@{e:g}"]) for e in epsilons], f"{ratio:.2f}x",
+                     "yes" if met else "no"]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "### Verdicts", ""]
+        for name, entry in compared.items():
+            lines.append(f"- **{entry['label']}** (`{name}`) against `{entry['control']}`: {_verdict(entry, epsilons)}")
+    lines += ["", "## The default", ""]
+    if default["arm"] is None:
+        lines.append(f"No default can be chosen yet: {default['reason']}")
+    else:
+        entry = summary["arms"][default["arm"]]
+        lines.append(
+            f"By the rule: **`{default['arm']}`** ({entry['label']}), {default['reason']}. Clean IoU "
+            f"{default['clean_iou']:.3f} against {default['control_clean_iou']:.3f} for its control; robust IoU at ε "
+            f"{eps_names[0]} {default['robust_iou']:.3f} against {default['control_robust_iou']:.3f} "
+            f"({default['robust_iou'] / max(default['control_robust_iou'], 1e-9):.2f}x). The target is "
+            + ("**met**." if default["meets_target"] else "**not met**.")
+        )
+    plain_arms = [a for a in spec.arms if str(a.overrides.get("adv#method", "")).lower() == "none" and not a.offline
+                  and not a.init_from and str(a.overrides.get("augment", "none")) == "none"]  # fmt: skip
+    longest = max((a for a in plain_arms if a.name in results["arms"]),
+                  key=lambda a: max(len(r["val_iou"]) for r in results["arms"][a.name].values()), default=None)  # fmt: skip
+    if longest is not None:
+        runs = results["arms"][longest.name]
+        plateaus = [plateau_epoch(r["val_iou"]) for r in runs.values()]
+        length = max(len(r["val_iou"]) for r in runs.values())
+        lines += ["", "## Convergence", "",
+                  (f"The longest plain arm (`{longest.name}`, {length} epochs) reaches within 1 IoU point of its best "
+                  f"validation IoU at epoch {', '.join(str(p) for p in plateaus)} (per seed).")]  # fmt: skip
+    lines += ["", "## Figures", ""]
+    if epsilons and summary["arms"]:
+        pareto = _plot_pareto(summary, figures / "pareto.png")
+        lines += [f"![clean against robust IoU]({spec.name}/{pareto.name})", ""]
+    curves = _plot_curves(results, spec, figures / "validation_iou.png")
+    lines += [f"![validation IoU per epoch]({spec.name}/{curves.name})", ""]
+    lines += ["## Arms as configured", ""]
+    for arm in spec.arms:
+        extra = []
+        if arm.offline:
+            extra.append(f"offline copies ({arm.offline['method']}) made with `{arm.offline['from']}`'s model")
+        if arm.init_from:
+            extra.append(f"starts from `{arm.init_from}`'s model.pt")
+        overrides = " ".join(
+            f"--{k} {json.dumps(v) if not isinstance(v, str) else v}" for k, v in arm.overrides.items()
+        )
+        lines.append(
+            f"- `{arm.name}`: {arm.description or arm.label}. `{overrides}`"
+            + (f"; {'; '.join(extra)}" if extra else "")
+        )
+    lines += ["", "<details><summary>Every workflow of this call</summary>", "", "```"]
+    lines += list(dict.fromkeys(context.get("commands", [])))
+    lines += ["```", "", "</details>", ""]
+    page = output / (spec.page or f"{spec.name}.md")
+    page.write_text("\n".join(lines))
+    (figures / "summary.json").write_text(json.dumps({"summary": summary, "default": default}, indent=1, default=float))
+    return page

@@ -1,0 +1,199 @@
+"""``python -m monai_adv.study``: arms of bundle overrides run once per seed (resume), and a page from their files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monai_adv.errors import SettingsError
+from monai_adv.study import choose_default, load_study, paired_bootstrap, plateau_epoch
+from monai_adv.study.report import summarize
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KVASIR = REPO_ROOT.parent / "shared" / "data" / "kvasir_seg"
+EPS = 2 / 255
+
+
+def smoke_study() -> dict:
+    return {
+        "name": "smoke",
+        "title": "Smoke study",
+        "profile": "smoke",
+        "overrides": {"max_epochs": 2},
+        "plain_arm": "unet",
+        "robustness": {"epsilons": [0.0, EPS], "iterative_epsilons": [EPS], "num_steps": 3},
+        "arms": [
+            {"name": "unet", "overrides": {"adv#method": "none"}},
+            {"name": "fgsm", "overrides": {"adv#method": "fgsm", "adv#epsilon": EPS}, "control": "unet",
+             "candidate": True},
+            {"name": "offline", "offline": {"from": "unet", "method": "fgsm", "epsilon": EPS},
+             "overrides": {"adv#method": "none"}, "control": "unet"},
+            {"name": "finetune", "init_from": "unet", "overrides": {"adv#recipe": "finetune", "max_epochs": 1},
+             "control": "unet", "candidate": True},
+        ],
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    if (KVASIR / "split.json").is_file():
+        return KVASIR
+    from monai_adv.data.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", num_images=80, size=48)
+
+
+def _run(study: Path, dataset: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "monai_adv.study", str(study), "--seeds", "0", "--output", str(output),
+               "--dataset_dir", str(dataset), "--no_tracking", *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    return result
+
+
+def _per_image(path: Path, attack: str, epsilon: float) -> dict[str, float]:
+    with open(path) as stream:
+        return {r["image"]: float(r["iou"]) for r in csv.DictReader(stream)
+                if r["attack"] == attack and math.isclose(float(r["epsilon"]), epsilon, rel_tol=1e-5)}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_smoke_study_runs_each_arm_once_and_reports_what_its_files_say(dataset, tmp_path):
+    study = tmp_path / "smoke.json"
+    study.write_text(json.dumps(smoke_study()))
+    output = tmp_path / "out"
+    _run(study, dataset, output)
+    runs = output / "work" / "smoke" / "runs" / "seed0"
+    page = (output / "smoke.md").read_text()
+    summary = json.loads((output / "smoke" / "summary.json").read_text())["summary"]
+    for arm in ("unet", "fgsm", "offline", "finetune"):
+        measured = json.loads((runs / arm / "robustness_test" / "robustness.json").read_text())
+        rows = {(r["attack"], r["epsilon"]): r for r in measured["results"]}
+        assert summary["arms"][arm]["clean_iou"] == [pytest.approx(rows["ensemble", 0.0]["mean_iou"])]
+        assert summary["arms"][arm]["robust_iou"][f"{EPS:g}"] == [pytest.approx(rows["ensemble", EPS]["mean_iou"])]
+        assert f"{rows['ensemble', 0.0]['mean_iou']:.3f}" in page
+        history = json.loads((runs / arm / "models" / "training_history.json").read_text())
+        assert summary["arms"][arm]["cost"]["iterations"][0] >= history["total"]["iterations"]
+    # costs: FGSM appends a copy to each of the 16 training images (2 epochs, batch 8); the fine-tune starts from
+    # the UNet's model, so its cost includes the UNet's training
+    costs = {arm: summary["arms"][arm]["cost"] for arm in ("unet", "fgsm", "finetune", "offline")}
+    assert costs["unet"]["iterations"] == [4] and costs["unet"]["images"] == [32]
+    assert costs["fgsm"]["iterations"] == [4] and costs["fgsm"]["images"] == [64]
+    assert costs["finetune"]["iterations"] == [4 + 2] and costs["finetune"]["images"] == [32 + 16]
+    assert costs["offline"]["iterations"] == [4 + 8] and costs["offline"]["images"] == [32 + 64]  # doubled data
+    # the fine-tune started from the UNet arm's model; the offline arm trained on the copies its model made
+    settings = json.loads((runs / "finetune" / "training_done.json").read_text())["settings"]
+    assert settings["init_ckpt"] == str(runs / "unet" / "models" / "model.pt")
+    copies = json.loads((runs / "offline" / "offline_data" / "datalist_fgsm.json").read_text())
+    assert len(copies["training"]) == 32 and copies["checkpoint"] == str(runs / "unet" / "models" / "model.pt")
+    # the paired difference is the mean of the per-image differences of the two arms' files
+    arm_scores = _per_image(runs / "fgsm" / "robustness_test" / "robustness_per_image.csv", "ensemble", EPS)
+    control = _per_image(runs / "unet" / "robustness_test" / "robustness_per_image.csv", "ensemble", EPS)
+    expected = np.mean([arm_scores[k] - control[k] for k in control if not math.isnan(arm_scores[k] - control[k])])
+    assert summary["arms"]["fgsm"]["vs_control"][f"robust_iou@{EPS:g}"]["mean"] == pytest.approx(expected)
+    assert (output / "smoke" / "pareto.png").stat().st_size > 0 and "smoke/pareto.png" in page
+    assert "## The default" in page and "`fgsm`" in page
+
+    # again: every step had completed with the same settings, so nothing trains again, and the page is the same
+    trained = {p: p.stat().st_mtime_ns for p in runs.rglob("model.pt")}
+    again = _run(study, dataset, output)
+    assert (again.stderr + again.stdout).count("not run again") == 4
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("model.pt")} == trained
+    assert (
+        json.loads((output / "smoke" / "summary.json").read_text())["summary"]["arms"]["fgsm"]["clean_iou"]
+        == (summary["arms"]["fgsm"]["clean_iou"])
+    )
+    # the committed results alone continue a study: without the work folder, nothing trains
+    elsewhere = _run(study, dataset, output, "--work_dir", str(tmp_path / "other_work"))
+    assert (elsewhere.stderr + elsewhere.stdout).count("not run again") == 4
+    assert not list((tmp_path / "other_work").rglob("model.pt"))
+    # a changed arm runs again, alone (its dependency is reused)
+    changed = smoke_study()
+    changed["arms"][1]["overrides"]["adv#epsilon"] = 2 * EPS
+    study.write_text(json.dumps(changed))
+    third = _run(study, dataset, output, "--arms", "fgsm")
+    assert "running again with other settings" in third.stderr + third.stdout
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("model.pt") if "fgsm" not in p.parts} == {
+        p: t for p, t in trained.items() if "fgsm" not in p.parts
+    }
+
+
+def test_study_file_errors_name_the_file_and_key(tmp_path):
+    study = smoke_study()
+    study["arms"][1]["control"] = "later"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(study))
+    with pytest.raises(SettingsError, match=r"bad\.json.*fgsm.*control 'later' must name an arm listed before it"):
+        load_study(path)
+    study = smoke_study()
+    study["arms"][0]["overides"] = {}
+    path.write_text(json.dumps(study))
+    with pytest.raises(SettingsError, match=r"unknown keys \['overides'\]"):
+        load_study(path)
+    with pytest.raises(FileNotFoundError, match="kvasir_recipes"):
+        load_study(tmp_path / "missing.json")
+    spec = load_study(smoke_study())
+    assert [a.name for a in spec.select(["finetune"])] == ["unet", "finetune"]  # with what it builds on
+    with pytest.raises(SettingsError, match="--arms"):
+        spec.select(["nope"])
+    shipped = load_study("kvasir_recipes")
+    assert {a.control for a in shipped.arms if a.candidate} <= {a.name for a in shipped.arms}
+
+
+def test_paired_bootstrap_is_exact_for_a_constant_shift_and_covers_the_mean():
+    rng = np.random.default_rng(1)
+    control = {str(s): {f"img{i}": float(v) for i, v in enumerate(rng.random(50))} for s in range(3)}
+    shifted = {s: {k: v + 0.05 for k, v in images.items()} for s, images in control.items()}
+    stats = paired_bootstrap(shifted, control)
+    assert stats["mean"] == pytest.approx(0.05) and stats["low"] == pytest.approx(0.05)
+    assert stats["high"] == pytest.approx(0.05) and (stats["seeds"], stats["images"]) == (3, 50)
+    noisy = {s: {k: v + rng.normal(0.0, 0.1) for k, v in images.items()} for s, images in control.items()}
+    stats = paired_bootstrap(noisy, control)
+    assert stats["low"] < stats["mean"] < stats["high"] and stats["high"] - stats["low"] < 0.1
+    assert paired_bootstrap(noisy, {"7": {}})["mean"] is None  # no shared seed
+
+
+def test_default_rule_prefers_robust_within_one_point_then_trade_off():
+    def entry(clean, robust, control_clean, control_robust):
+        return {"candidate": True, "clean_iou": [clean], "robust_iou": {"0.1": [robust]},
+                "control_clean_iou": [control_clean], "control_robust_iou": {"0.1": [control_robust]}}  # fmt: skip
+
+    summary = {"epsilons": [0.1], "arms": {"a": entry(0.60, 0.30, 0.60, 0.10), "b": entry(0.595, 0.35, 0.60, 0.10),
+                                           "c": entry(0.55, 0.50, 0.60, 0.10)}}  # fmt: skip
+    chosen = choose_default(summary)
+    assert chosen["arm"] == "b" and chosen["within_tolerance"] and chosen["meets_target"]
+    summary["arms"] = {"c": entry(0.55, 0.50, 0.60, 0.10), "d": entry(0.50, 0.52, 0.60, 0.10)}
+    chosen = choose_default(summary)
+    assert chosen["arm"] == "c" and not chosen["within_tolerance"] and not chosen["meets_target"]
+    assert "best trade-off" in chosen["reason"]
+
+
+def test_plateau_epoch():
+    assert plateau_epoch({"1": 0.2, "2": 0.5, "3": 0.595, "4": 0.6, "5": 0.58}) == 3
+    assert plateau_epoch({}) is None
+
+
+def test_summary_reads_costs_and_ratio_from_the_files(tmp_path):
+    spec = load_study(smoke_study())
+
+    def result(iou, seconds, iterations, images):
+        rows = [{"attack": "ensemble", "epsilon": 0.0, "mean_iou": iou, "mean_dice": iou},
+                {"attack": "ensemble", "epsilon": EPS, "mean_iou": iou / 2, "mean_dice": iou / 2}]  # fmt: skip
+        return {"robustness": rows, "per_image": {}, "val_iou": {"1": iou}, "checks": {},
+                "cost": {"train_seconds": seconds, "iterations": iterations, "images": images}}  # fmt: skip
+
+    results = {"arms": {"unet": {"0": result(0.6, 10.0, 10, 160)}, "fgsm": {"0": result(0.5, 20.0, 10, 320)},
+                        "finetune": {"0": result(0.55, 15.0, 5, 80)}}}  # fmt: skip
+    summary = summarize(results, spec)
+    assert summary["arms"]["fgsm"]["step_ratio"] == [pytest.approx(2.0)]
+    assert summary["arms"]["finetune"]["cost"]["iterations"] == [15.0]  # its own 5 and the UNet's 10
+    assert summary["arms"]["finetune"]["step_ratio"] == [pytest.approx(3.0)]

@@ -362,9 +362,8 @@ class MaskToLabels:
     - Binary setting (``out_channels`` 1 or 2): :func:`binarize_mask` (foreground where any channel is above half
       the mask's largest value; {0, 1}, {0, 255} and JPEG masks). A mask with values other than its background and
       foreground, beyond compression noise near either end (more than 1% of its pixels between 10% and 90% of its
-      largest value, e.g. {0, 128, 255} or {0, 1, 2}), is still binarised, with a warning that names the file and
-      its values (the first such mask only): those classes merge. A mask that is foreground in every pixel also
-      warns (once).
+      largest value, e.g. {0, 128, 255} or {0, 1, 2}), holds several classes and is refused, naming the file and
+      its values: binarising it would merge them. A mask that is foreground in every pixel warns (once).
     - Several classes (``out_channels`` > 2): the mask must hold class indices ``0 .. out_channels - 1`` in one
       channel (or identical channels); it is returned as they are, never thresholded.
 
@@ -372,23 +371,22 @@ class MaskToLabels:
         out_channels: the network's output channels (the bundle's ``out_channels``).
 
     Raises:
-        DataError: (a ``ValueError``) with ``out_channels`` > 2, for a mask whose values are not class indices below
-            ``out_channels`` or whose channels differ, naming the file and its values.
+        DataError: (a ``ValueError``) naming the file and its values: in a binary setting, for a mask of several
+            classes; with ``out_channels`` > 2, for a mask whose values are not class indices below
+            ``out_channels`` or whose channels differ.
     """
 
     def __init__(self, out_channels: int = 2) -> None:
         if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f"out_channels must be an integer >= 1, got {out_channels!r}.")
         self.out_channels = out_channels
-        self.warned = False
         self.warned_full = False
 
     def __call__(self, mask: torch.Tensor) -> torch.Tensor:
         meta = getattr(mask, "meta", None) or {}
         name = meta.get("filename_or_obj", "a mask")
         if self.out_channels <= 2:
-            if not self.warned:
-                self._warn_if_several_classes(mask, name)
+            self._refuse_several_classes(mask, name)
             labels = binarize_mask(mask)
             if not self.warned_full and labels.numel() > 0 and bool(labels.all()):
                 self.warned_full = True
@@ -417,7 +415,7 @@ class MaskToLabels:
             )
         return labels.to(torch.float32)
 
-    def _warn_if_several_classes(self, mask: torch.Tensor, name: str) -> None:
+    def _refuse_several_classes(self, mask: torch.Tensor, name: str) -> None:
         strongest = mask.amax(dim=0)
         peak = float(strongest.max())
         if peak <= 0:
@@ -428,11 +426,10 @@ class MaskToLabels:
         between = ((strongest > 0.1 * peak) & (strongest < 0.9 * peak)).float().mean()
         if float(between) <= 0.01:
             return  # compression noise near background and foreground (JPEG masks)
-        self.warned = True
-        warnings.warn(
+        raise DataError(
             f"mask {name} has more than two values {_values_text(values)} ({float(between):.0%} of its pixels between "
-            f"background and foreground), but out_channels is {self.out_channels}: it is binarised at half its "
-            f"largest value ({peak / 2:g}), so its classes merge. For several classes give --out_channels with one "
-            "more than the largest class index. (Reported for the first such mask only.)",
-            stacklevel=2,
+            f"background and foreground): it holds several classes, but out_channels is {self.out_channels} (binary), "
+            "and binarising it would merge them. For several classes give --out_channels with one more than the "
+            "largest class index (class indices 0, 1, 2, ... in one channel); for a binary task save background and "
+            "foreground only."
         )

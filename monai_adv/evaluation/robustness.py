@@ -140,9 +140,10 @@ class _Scores:
         intersection, union = torch.cat(self.intersection).sum(0), torch.cat(self.union).sum(0)
         pooled = intersection / union.clamp_min(1)
         out = {
-            # MONAI's MeanIoU / MeanDice aggregate: the mean over (image, class) pairs with the class in the label
-            "mean_iou": _nanmean(iou.flatten(), dim=0).item(),
-            "mean_dice": _nanmean(dice.flatten(), dim=0).item(),
+            # MONAI's MeanIoU / MeanDice aggregate ("mean"): each image's mean over its classes present in the label,
+            # then the mean over images
+            "mean_iou": _nanmean(_nanmean(iou, dim=1), dim=0).item(),
+            "mean_dice": _nanmean(_nanmean(dice, dim=1), dim=0).item(),
             "pooled_iou": pooled.mean().item(),
         }
         if len(class_names) > 1:

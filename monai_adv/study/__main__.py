@@ -11,6 +11,7 @@ run again (even without the work folder), and within an arm, completed steps are
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
@@ -56,10 +57,10 @@ def main(argv: list[str] | None = None) -> Path:
                          tracking=not args.no_tracking, max_epochs=args.max_epochs,
                          results_file=results_file)  # fmt: skip
     if args.report_only:
-        import json
-
-        runner.prepare()
+        if not results_file.is_file():
+            raise SystemExit(f"--report_only: no results yet in {results_file}; run the study first.")
         results = json.loads(results_file.read_text())
+        runner.counts = dict(results.get("counts", {}))
     else:
         results = runner.run()
     command = shlex.join(["python", "-m", "monai_adv.study", *(sys.argv[1:] if argv is None else argv)])

@@ -57,7 +57,7 @@ def test_a_nan_loss_stops_training_before_a_nan_model_is_saved(bundle, tmp_path,
 
 
 @pytest.mark.slow
-def test_class_masks_train_with_three_out_channels_and_are_refused_beyond(bundle, tmp_path):
+def test_class_masks_train_with_three_out_channels_and_are_refused_beyond_or_in_a_binary_setting(bundle, tmp_path):
     data = polyp_folders(tmp_path / "data", mask_values=(0, 1, 2))
     settings = {"dataset_dir": data, "out_channels": 3, "adv#method": "fgsm", "max_epochs": 1}
     run = bundle.train(tmp_path / "root", settings)
@@ -67,5 +67,9 @@ def test_class_masks_train_with_three_out_channels_and_are_refused_beyond(bundle
     refused = bundle.train(tmp_path / "root2", {**settings, "dataset_dir": bad}, expect_success=False)
     assert last_line(refused).startswith(PREFIX + "mask "), refused.describe()
     assert "has values {0, 128, 255}, but with out_channels 3 a mask must hold class indices 0..2" in last_line(refused)
-    warned = bundle.train(tmp_path / "root3", {**settings, "dataset_dir": bad, "out_channels": 2})
-    assert "has more than two values {0, 128, 255}" in warned.output, warned.describe()
+    # the reverse: a multi-class mask in a binary setting is refused (binarising would merge its classes)
+    binary = bundle.train(
+        tmp_path / "root3", {**settings, "dataset_dir": data, "out_channels": 2}, expect_success=False
+    )
+    assert last_line(binary).startswith(PREFIX + "mask "), binary.describe()
+    assert "has more than two values {0, 1, 2}" in last_line(binary) and "out_channels is 2" in last_line(binary)

@@ -139,14 +139,17 @@ def test_binary_masks_0_255_and_jpeg_masks_are_binarised_without_a_word(tmp_path
     assert sorted(torch.unique(jpeg).tolist()) == [0.0, 1.0] and abs(int(jpeg.sum()) - 30 * 38) < 40
 
 
-def test_a_mask_with_more_than_two_values_in_a_binary_setting_warns_naming_the_file(tmp_path):
-    mask = square_mask(value=255)
-    mask[10:14, 10:14] = 128
-    with pytest.warns(
-        UserWarning, match=r"mask .*three\.png has more than two values \{0, 128, 255\}.*out_channels is 2"
-    ):
-        (labels,) = load_masks(tmp_path, {"three": mask}, out_channels=2)
-    assert sorted(torch.unique(labels).tolist()) == [0.0, 1.0]  # binarised, as the warning says
+@pytest.mark.parametrize("values", [(255, 128), (1, 2)])
+def test_a_multi_class_mask_in_a_binary_setting_is_refused_naming_the_file(tmp_path, values):
+    mask = square_mask(value=values[0])
+    mask[10:14, 10:14] = values[1]
+    with pytest.raises(RuntimeError) as info:
+        load_masks(tmp_path, {"three": mask}, out_channels=2)
+    cause = project_error(info.value)
+    assert isinstance(cause, DataError)
+    shown = "{" + ", ".join(str(v) for v in sorted({0, *values})) + "}"
+    assert re.search(rf"mask .*three\.png has more than two values {re.escape(shown)}.*out_channels is 2", str(cause))
+    assert "--out_channels" in str(cause)
 
 
 def test_class_masks_keep_their_classes_with_several_out_channels(tmp_path):

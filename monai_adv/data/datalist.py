@@ -52,6 +52,53 @@ def _files_by_stem(folder: Path) -> dict[str, str]:
     return files
 
 
+def _case_id(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".jpg", ".tif", ".tiff"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def decathlon_items(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """The labelled cases of a Medical Segmentation Decathlon folder (``dataset.json`` with a ``training`` list of
+    ``image``/``label`` paths relative to it, e.g. ``imagesTr/``, ``labelsTr/``), read with MONAI's
+    ``load_decathlon_datalist``.
+
+    Returns:
+        ``[{"image": path, "label": path, "id": case}, ...]`` sorted by case (``hippocampus_001``: the file
+        name without ``.nii.gz``), ids as ``split.json`` lists them.
+
+    Raises:
+        FileNotFoundError: when ``dataset.json`` or a file it lists is missing (naming them).
+        ValueError: when it has no ``training`` list, or an item has no ``label``.
+    """
+    path = Path(dataset_dir) / "dataset.json"
+    if not path.is_file():
+        raise MissingFileError(f"{path} does not exist.")
+    content = _read_json(path, "dataset.json")
+    if not isinstance(content, dict) or not isinstance(content.get("training"), list) or not content["training"]:
+        raise DataError(f"{path} must hold a non-empty 'training' list of image/label pairs (Decathlon layout).")
+    items = load_decathlon_datalist(path, data_list_key="training")
+    unlabelled = [item.get("image") for item in items if "label" not in item]
+    if unlabelled:
+        raise DataError(f"{path}: {len(unlabelled)} training item(s) have no 'label': {unlabelled[:3]}.")
+    missing = [f for item in items for f in (item["image"], item["label"]) if not Path(f).is_file()]
+    if missing:
+        raise MissingFileError(f"{path} lists {len(missing)} file(s) that do not exist: {missing[:3]}.")
+    out = [{"image": str(item["image"]), "label": str(item["label"]), "id": _case_id(item["image"])} for item in items]
+    return sorted(out, key=lambda item: item["id"])
+
+
+def dataset_items(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """The items of ``dataset_dir``: ``images/`` + ``masks/`` folders (:func:`datalist_from_folders`), or a
+    Decathlon ``dataset.json`` (:func:`decathlon_items`) when there is no ``images/`` folder."""
+    root = Path(dataset_dir)
+    if not (root / "images").is_dir() and (root / "dataset.json").is_file():
+        return decathlon_items(root)
+    return datalist_from_folders(root)
+
+
 def datalist_from_folders(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
     """Pair ``dataset_dir/images/*`` with ``dataset_dir/masks/*`` by file name (without extension).
 
@@ -241,7 +288,8 @@ def load_datalist(
     1. ``datalist_file``: a Decathlon-style JSON (``{"training": [{"image", "label"}, ...],
        "validation": [...], "test": [...]}``, paths relative to the file); without a ``"validation"``
        list the training list is split.
-    2. ``dataset_dir`` with ``images/`` and ``masks/``; split by ``split_file`` (or
+    2. ``dataset_dir`` with ``images/`` and ``masks/``, or a Decathlon ``dataset.json`` (:func:`dataset_items`);
+       split by ``split_file`` (or
        ``dataset_dir/split.json`` when present: ``{"train": [ids], "validation": [ids], "test": [ids]}``,
        ``"test"`` optional), else by a seeded shuffle.
     3. Neither: the synthetic dataset in ``synthetic_dir``, generated there on first use with
@@ -293,7 +341,7 @@ def load_datalist(
         source = path
         _check_disjoint({"training": training, "validation": validation, **({"test": test} if test else {})}, path)
     elif dataset_dir is not None:
-        items = datalist_from_folders(dataset_dir)
+        items = dataset_items(dataset_dir)
         split_path = Path(split_file) if split_file is not None else Path(dataset_dir) / "split.json"
         if split_file is not None and not split_path.is_file():
             raise MissingFileError(f"split_file {split_path} does not exist.")

@@ -2,6 +2,7 @@
 
 from monai_adv.evaluation.augment import AdversarialDatasetWriter, save_scaled_image
 from monai_adv.evaluation.figures import plot_robustness_curve, save_example_grid
+from monai_adv.evaluation.inferer import InfererNetwork
 from monai_adv.evaluation.robustness import (
     ATTACKS,
     DEFAULT_EPSILONS,
@@ -14,6 +15,7 @@ __all__ = [
     "ATTACKS",
     "DEFAULT_EPSILONS",
     "AdversarialDatasetWriter",
+    "InfererNetwork",
     "RobustnessEvaluator",
     "format_table",
     "load_network_weights",

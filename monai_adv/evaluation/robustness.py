@@ -48,6 +48,7 @@ from torch import nn
 from monai_adv.attacks import AttackSpec, LossFunction, check_epsilons, gradient_sign_sweep, run_attack
 from monai_adv.attacks.gradient_sign import clamp_bounds, project_and_clamp
 from monai_adv.evaluation.figures import plot_robustness_curve, save_example_grid
+from monai_adv.evaluation.inferer import InfererNetwork
 
 __all__ = [
     "APGD_LOSSES",
@@ -245,6 +246,9 @@ class RobustnessEvaluator(Engine):
         seed: seed of the random starts and the noise.
         amp: attack and predict under ``torch.autocast``.
         image_key, label_key: keys of the batch.
+        inferer: the evaluation's MONAI inferer (e.g. ``SlidingWindowInferer``); predictions and every attack go
+            through it (:class:`~monai_adv.evaluation.InfererNetwork`), so the gradient flows through
+            ``sliding_window_inference``. Default: the network on the whole input.
 
     Raises:
         ValueError: for an unknown attack or loss, bad epsilons, steps or restarts (naming the option).
@@ -281,6 +285,7 @@ class RobustnessEvaluator(Engine):
         amp: bool = False,
         image_key: str = "image",
         label_key: str = "label",
+        inferer: Callable[..., Any] | None = None,
     ) -> None:
         attacks = [attacks] if isinstance(attacks, str) else list(attacks)
         unknown = [a for a in attacks if str(a).lower() not in ATTACKS]
@@ -316,7 +321,8 @@ class RobustnessEvaluator(Engine):
             for loss in [apgd_losses] if isinstance(apgd_losses, str) else list(apgd_losses):
                 self.specs["apgd", str(loss)] = base.replace(schedule="apgd", loss=loss, radii=APGD_RADII)
         self.single = AttackSpec.create(**common)  # FGSM / InvFGSM (one gradient for every epsilon)
-        self.network = network
+        # the attacks and the scores go through the evaluation's inferer (e.g. sliding windows on volumes)
+        self.network = InfererNetwork(network, inferer) if inferer is not None else network
         self.device = torch.device(device)
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         super().__init__(self._iteration)
@@ -331,7 +337,9 @@ class RobustnessEvaluator(Engine):
             )
         self.class_names = names
         self.postprocessing = postprocessing
-        self.surrogate = surrogate
+        self.surrogate = (
+            InfererNetwork(surrogate, inferer) if surrogate is not None and inferer is not None else surrogate
+        )
         self.num_examples = int(num_examples)
         self.example_epsilon = max(self.epsilons) if example_epsilon is None else float(example_epsilon)
         check_epsilons([self.example_epsilon])

@@ -179,9 +179,9 @@ class StudyRunner:
         Raises:
             ValueError: when ``split.json`` lists ids without an image/mask pair.
         """
-        from monai_adv.data import datalist_from_folders, split_datalist
+        from monai_adv.data import dataset_items, split_datalist
 
-        items = datalist_from_folders(self.dataset_dir)
+        items = dataset_items(self.dataset_dir)
         split_file = self.dataset_dir / "split.json"
         if split_file.is_file() and "test" in json.loads(split_file.read_text()):
             split = json.loads(split_file.read_text())

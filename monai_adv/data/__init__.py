@@ -25,6 +25,7 @@ from monai_adv.data.datalist import (
 )
 from monai_adv.data.loading import CheckedLoadImageD, CheckedLoadImaged, CheckedLoadImageDict
 from monai_adv.data.synthetic import ensure_synthetic_dataset, make_synthetic_dataset
+from monai_adv.data.volumes import volume_patches, volume_preprocessing
 
 __all__ = [
     "AUGMENTATIONS",
@@ -52,4 +53,6 @@ __all__ = [
     "read_values",
     "split_datalist",
     "training_augmentation",
+    "volume_patches",
+    "volume_preprocessing",
 ]

@@ -52,7 +52,8 @@ def _files_by_stem(folder: Path) -> dict[str, str]:
     return files
 
 
-def _case_id(path: str) -> str:
+def case_id(path: str) -> str:
+    """A file's name without its extension (``hippocampus_001`` from ``hippocampus_001.nii.gz``)."""
     name = Path(path).name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".jpg", ".tif", ".tiff"):
         if name.endswith(suffix):
@@ -86,7 +87,7 @@ def decathlon_items(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
     missing = [f for item in items for f in (item["image"], item["label"]) if not Path(f).is_file()]
     if missing:
         raise MissingFileError(f"{path} lists {len(missing)} file(s) that do not exist: {missing[:3]}.")
-    out = [{"image": str(item["image"]), "label": str(item["label"]), "id": _case_id(item["image"])} for item in items]
+    out = [{"image": str(item["image"]), "label": str(item["label"]), "id": case_id(item["image"])} for item in items]
     return sorted(out, key=lambda item: item["id"])
 
 

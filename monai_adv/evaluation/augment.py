@@ -147,10 +147,11 @@ class AdversarialDatasetWriter:
         if not float(epsilon) >= 0:
             raise ValueError(f"epsilon must be non-negative, got {epsilon!r}.")
         if intensity_range is None:
-            raise ValueError(
+            raise SettingsError(
                 "run augment needs a fixed intensity scaling (intensity_range, e.g. [0, 255]): with per-image "
-                "min/max scaling (intensity_range null) reloading a saved copy rescales it and destroys the "
-                "perturbation."
+                "scaling (intensity_range null, or the z-scored volumes of configs/hippocampus.json) reloading a "
+                "saved copy normalises it again and changes the perturbation. Attack the volumes online instead "
+                "(run training with --adv#recipe ...), or give a fixed --intensity_range for CT in Hounsfield units."
             )
         self.low, self.high = (float(v) for v in intensity_range)
         if not self.low < self.high:

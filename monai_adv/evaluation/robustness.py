@@ -47,6 +47,7 @@ from torch import nn
 
 from monai_adv.attacks import AttackSpec, LossFunction, check_epsilons, gradient_sign_sweep, run_attack
 from monai_adv.attacks.gradient_sign import clamp_bounds, project_and_clamp
+from monai_adv.data.datalist import case_id
 from monai_adv.evaluation.figures import plot_robustness_curve, save_example_grid
 from monai_adv.evaluation.inferer import InfererNetwork
 
@@ -155,13 +156,14 @@ class _Scores:
 
 
 def _image_names(batch: Any, key: str, first_index: int) -> list[str]:
-    """The batch's image names (file stems from the images' ``filename_or_obj``, else ``id``, else the index)."""
+    """The batch's image names (file names without extension, ``.nii.gz`` included, from the images'
+    ``filename_or_obj``; else ``id``; else the index)."""
     size = len(batch[key])
     names = getattr(batch[key], "meta", {}).get("filename_or_obj") if isinstance(batch, dict) else None
     if names is None and isinstance(batch, dict):
         names = batch.get("id")
     if isinstance(names, (list, tuple)) and len(names) == size:
-        return [Path(str(n)).stem if isinstance(n, (str, os.PathLike)) else str(n) for n in names]
+        return [case_id(str(n)) if isinstance(n, (str, os.PathLike)) else str(n) for n in names]
     return [str(first_index + i) for i in range(size)]
 
 

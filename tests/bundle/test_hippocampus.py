@@ -1,0 +1,88 @@
+"""The 3D, 3-class path on real MRI volumes (MSD Task04 Hippocampus): train, evaluate, robustness, augment."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from monai_adv.data import load_datalist
+
+pytestmark = pytest.mark.slow
+
+TINY_3D = {"max_train": 4, "max_val": 2, "max_epochs": 2, "val_interval": 1, "batch_size": 2,
+           "features": [8, 8, 16, 16, 32, 8], "patches_per_volume": 1}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hippocampus(bundle):
+    data = bundle.shared_dir / "data" / "msd_hippocampus"
+    if not (data / "dataset.json").is_file():
+        pytest.skip(f"{data} is absent: the 3D tests need the MSD hippocampus volumes (../shared/data)")
+    return data
+
+
+def _configs(bundle, *overlays: str) -> str:
+    files = [bundle.train_json, bundle.configs / "hippocampus.json", *(bundle.configs / o for o in overlays)]
+    return "[" + ",".join(f"'{f}'" for f in files) + "]"
+
+
+@pytest.fixture(scope="module")
+def trained_3d(bundle, hippocampus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hippocampus")
+    settings = {"dataset_dir": hippocampus, **TINY_3D, "adv#method": "fgsm", "adv#epsilon": 0.05}
+    run = bundle.run("run", "training", "--config_file", _configs(bundle), "--bundle_root", root, "--tracking", "mlflow",
+                     *bundle.overrides(settings), root=root)  # fmt: skip
+    return root, run
+
+
+def test_decathlon_folder_gives_the_fixed_split(hippocampus):
+    data = load_datalist(dataset_dir=hippocampus, spatial_dims=3, in_channels=1, check_files=False)
+    split = json.loads((hippocampus / "split.json").read_text())
+    assert [i["id"] for i in data["training"]] == split["train"]
+    assert [i["id"] for i in data["test"]] == split["test"]
+
+
+def test_training_logs_per_class_scores_named_from_dataset_json(bundle, trained_3d):
+    root, run = trained_3d
+    assert (root / "models" / "model.pt").is_file(), run.describe()
+    assert "val_iou_anterior" in run.output and "val_dice_posterior" in run.output
+    _client, mlflow_run = bundle.single_mlflow_run(bundle.sqlite_uri(root))
+    keys = set(mlflow_run.data.metrics)
+    assert {"val_mean_iou", "val_iou_anterior", "val_iou_posterior", "val_dice_anterior", "val_dice_posterior"} <= keys
+    history = json.loads((root / "models" / "training_history.json").read_text())
+    # 4 volumes, one 32^3 patch each, with an FGSM copy appended: 8 samples per epoch in 2 steps
+    assert [(e["iterations"], e["images"]) for e in history["epochs"]] == [(2, 8), (2, 8)]
+
+
+def test_evaluate_and_robustness_score_each_class_through_the_sliding_window(bundle, hippocampus, trained_3d):
+    root, _ = trained_3d
+    common = bundle.overrides({"dataset_dir": hippocampus, **TINY_3D})
+    bundle.run("run", "evaluating", "--config_file", _configs(bundle, "evaluate.json"), "--bundle_root", root, *common)
+    with open(root / "eval" / "metrics.csv") as stream:
+        metrics = dict(line.split(",")[:2] for line in stream.read().splitlines() if "," in line)
+    assert {"val_iou_anterior", "val_iou_posterior", "val_mean_iou"} <= set(metrics)
+    out = root / "robust"
+    robust = bundle.run(
+        "run", "robustness", "--config_file", _configs(bundle, "robustness.json"), "--bundle_root", root, *common,
+        "--output_dir", out, "--attacks", "['fgsm','pgd','ensemble']", "--epsilons", "[0,0.0078]",
+        "--num_steps", 2, "--checks", "false", "--num_examples", 0,
+    )  # fmt: skip
+    summary = json.loads((out / "robustness.json").read_text())
+    clean = next(r for r in summary["results"] if r["attack"] == "pgd" and r["epsilon"] == 0)
+    # the clean row is run evaluating's score (same sliding-window inference, same postprocessing)
+    assert clean["mean_iou"] == pytest.approx(float(metrics["val_mean_iou"]), abs=1e-5), robust.describe()
+    assert {"iou_anterior", "iou_posterior", "dice_anterior"} <= set(clean)
+    with open(out / "robustness_per_image.csv") as stream:
+        names = {line["image"] for line in csv.DictReader(stream)}
+    split = json.loads((hippocampus / "split.json").read_text())
+    assert names == set(split["validation"][:2])  # each volume named by its case id
+
+
+def test_augment_on_z_scored_volumes_is_refused_with_the_reason(bundle, hippocampus, trained_3d):
+    root, _ = trained_3d
+    run = bundle.run("run", "augment", "--config_file", _configs(bundle, "augment.json"), "--bundle_root", root,
+                     *bundle.overrides({"dataset_dir": hippocampus, **TINY_3D}), expect_success=False)  # fmt: skip
+    last = run.output.strip().splitlines()[-1]
+    assert last.startswith("monai-adv: error: run augment needs a fixed intensity scaling"), run.describe()

@@ -13,6 +13,7 @@ from ignite.engine import Events
 from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
+from monai.losses import DiceCELoss
 
 from monai_adv.attacks import gradient_sign_attack
 from monai_adv.handlers import AdversarialAugmentationHandler
@@ -340,3 +341,33 @@ def test_append_repeats_per_sample_metadata(data, make_basic_unet, make_dicece):
     assert batch["image"].shape[0] == 12
     assert list(batch["image"].meta["filename_or_obj"]) == names * 3
     assert batch["id"] == names * 3
+
+
+def test_fused_step_in_3d_with_three_classes_equals_attack_then_concatenated_step(trainer_for, explicit_step):
+    """The fused step on a tiny 3D, 3-class BasicUNet (volumes as in configs/hippocampus.json): the same copies and
+    the same update as attacking first and stepping on the concatenated batch."""
+    from monai.networks.nets import BasicUNet
+
+    def unet3d() -> BasicUNet:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4)
+            return BasicUNet(spatial_dims=3, in_channels=1, out_channels=3, features=(4, 4, 8, 8, 16, 4))
+
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randn(2, 1, 32, 32, 32, generator=generator)
+    labels = torch.randint(0, 3, (2, 1, 32, 32, 32), generator=generator).float()
+    network, reference = unet3d(), unet3d()
+    handler = AdversarialAugmentationHandler([FGSMd(keys="image", epsilon=EPS, batched=True, clamp="image")])
+    trainer = trainer_for(images, labels, network, handler, batch_size=2)
+    trainer.run()
+    assert handler.params["adv_step"] == "fused"
+    reference.train()
+    copies = gradient_sign_attack(reference, DiceCELoss(to_onehot_y=True, softmax=True), images, labels, EPS,
+                                  direction="ascend", network_mode="train", clamp="image").images  # fmt: skip
+    optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
+    optimizer.zero_grad()
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)(reference(torch.cat([images, copies])), torch.cat([labels] * 2))
+    loss.backward()
+    optimizer.step()
+    torch.testing.assert_close(handler.adversarial, copies, rtol=0, atol=1e-6)
+    assert_same_parameters(network, reference)

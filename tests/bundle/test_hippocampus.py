@@ -86,3 +86,24 @@ def test_augment_on_z_scored_volumes_is_refused_with_the_reason(bundle, hippocam
                      *bundle.overrides({"dataset_dir": hippocampus, **TINY_3D}), expect_success=False)  # fmt: skip
     last = run.output.strip().splitlines()[-1]
     assert last.startswith("monai-adv: error: run augment needs a fixed intensity scaling"), run.describe()
+
+
+def test_inference_writes_nifti_predictions_on_the_inputs_grid(bundle, hippocampus, trained_3d, tmp_path):
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    root, _ = trained_3d
+    volumes = tmp_path / "volumes"
+    volumes.mkdir()
+    for case in ("hippocampus_001", "hippocampus_004"):
+        shutil.copy(hippocampus / "imagesTr" / f"{case}.nii.gz", volumes)
+    configs = f"['{bundle.configs / 'inference.json'}','{bundle.configs / 'hippocampus_inference.json'}']"
+    out = tmp_path / "predictions"
+    bundle.run("run", "inferring", "--config_file", configs, "--bundle_root", root, "--input_dir", volumes,
+               "--output_dir", out, "--features", "[8,8,16,16,32,8]")  # fmt: skip
+    for case in ("hippocampus_001", "hippocampus_004"):
+        source, predicted = nib.load(volumes / f"{case}.nii.gz"), nib.load(out / f"{case}_seg.nii.gz")
+        assert predicted.shape == source.shape and np.allclose(predicted.affine, source.affine)
+        assert set(np.unique(np.asarray(predicted.dataobj))) <= {0, 1, 2}

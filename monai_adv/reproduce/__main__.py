@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> Path:
     output = Path(args.output)
     work_dir = Path(args.work_dir) if args.work_dir else output / "work"
     profile = PROFILES[args.profile]
+    if not profile.offline:
+        raise SystemExit(
+            f"the reproduction's offline arms cannot run on profile {profile.name} (run augment refuses z-scored "
+            f"volumes): run its online arms as a study, `python -m monai_adv.study hippocampus_recipes --seeds 0 1 2 "
+            f"--output OUT`."
+        )
     reproduction = Reproduction(args.dataset_dir, profile, args.seeds, work_dir, max_epochs=args.max_epochs,
                                 bundle_dir=args.bundle_dir)  # fmt: skip
     results = reproduction.run()

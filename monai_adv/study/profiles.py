@@ -13,7 +13,7 @@ class Profile:
     """Settings of one reproduction profile.
 
     Attributes:
-        name: ``smoke``, ``cpu`` or ``paper``.
+        name: ``smoke``, ``cpu``, ``hippocampus_cpu`` or ``paper``.
         description: one line for the results page.
         overrides: bundle overrides for every workflow (image size, network, optimiser, loss...).
         max_epochs: training length; the paper's epochs 0/10/20/30 are scaled to it.
@@ -24,6 +24,8 @@ class Profile:
             ensemble.
         iterative_epsilons: where the iterative attacks and the ensemble run (FGSM and InvFGSM run at all).
         limits: at most this many items of ``train``/``validation``/``test`` (None: all).
+        offline: whether the data can go through ``run augment`` (not z-scored volumes: its copies would be
+            normalised again on reload).
     """
 
     name: str
@@ -36,6 +38,7 @@ class Profile:
     robust_epsilons: tuple[float, ...] = (0.0, 2 / 255, 4 / 255, 0.0118, 0.1176)
     iterative_epsilons: tuple[float, ...] = (2 / 255, 4 / 255)
     limits: dict[str, int | None] = field(default_factory=lambda: {"train": None, "validation": None, "test": None})
+    offline: bool = True
 
 
 PROFILES: dict[str, Profile] = {
@@ -63,6 +66,24 @@ PROFILES: dict[str, Profile] = {
         },
         max_epochs=12,
         attack_steps=5,
+    ),
+    "hippocampus_cpu": Profile(
+        name="hippocampus_cpu",
+        description="MSD Task04 Hippocampus volumes (configs/hippocampus.json: RAS, per-volume z-scoring, 48x64x48 "
+        "padding, 32^3 training patches, sliding-window validation and attacks) sized for a 2-core CPU: 3D "
+        "BasicUNet 8-64 features, Dice+CE, Adam 1e-3, batch 4 volumes x 2 patches, 30 epochs, iterative attacks "
+        "with 10 steps; epsilons in units of each volume's intensity standard deviation",
+        overrides={
+            "features": [8, 8, 16, 32, 64, 8],
+            "batch_size": 4,
+            "learning_rate": 1e-3,
+            "adv#track_loss": False,
+        },  # fmt: skip
+        max_epochs=30,
+        extra_configs=("hippocampus.json",),
+        attack_steps=10,
+        robust_epsilons=(0.0, 2 / 255, 4 / 255),
+        offline=False,
     ),
     "paper": Profile(
         name="paper",

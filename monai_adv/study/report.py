@@ -264,6 +264,37 @@ def _verdict(entry: Mapping[str, Any], epsilons: Sequence[float]) -> str:
     return f"{'; '.join(parts)} (paired over {seeds} seed(s) and {clean.get('images', 0)} test images)."
 
 
+def _class_keys(results: Mapping[str, Any]) -> list[str]:
+    """The per-class Dice keys of the robustness rows (``dice_<class>``; none for a binary task)."""
+    for runs in results["arms"].values():
+        for result in runs.values():
+            for row in result["robustness"]:
+                return [k for k in row if k.startswith("dice_")]
+    return []
+
+
+def _per_class_table(results: Mapping[str, Any], spec: StudySpec, epsilons: Sequence[float],
+                     eps_names: Sequence[str]) -> list[str]:  # fmt: skip
+    """Dice per class, clean and under the ensemble at each quoted epsilon (mean ± std over seeds)."""
+    keys = _class_keys(results)
+    if not keys:
+        return []
+    classes = [k[len("dice_") :] for k in keys]
+    header = ["arm", *[f"clean Dice {c}" for c in classes],
+              *[f"robust Dice {c} {n}" for n in eps_names for c in classes]]  # fmt: skip
+    lines = ["", "## Dice per class", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in spec.arms:
+        runs = results["arms"].get(arm.name)
+        if not runs:
+            continue
+        seeds = sorted(runs, key=int)
+        cells = [f"`{arm.name}`"]
+        cells += [_fmt([clean_score(runs[s], key) for s in seeds]) for key in keys]
+        cells += [_fmt([_row_value(runs[s], "ensemble", e, key) for s in seeds]) for e in epsilons for key in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _plot_pareto(summary: Mapping[str, Any], path: Path) -> Path:
     from monai_adv.evaluation.figures import agg_pyplot
 
@@ -389,6 +420,7 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
             f"(`{summary['plain_arm']}`) of the same seed."
         ),
     ]
+    lines += _per_class_table(results, spec, epsilons, eps_names)
     compared = {n: e for n, e in summary["arms"].items() if e.get("vs_control")}
     if compared:
         lines += ["", "## Against the compute-matched control", ""]

@@ -100,8 +100,11 @@ class StudyRunner:
     ) -> None:
         self.spec = spec
         self.dataset_dir = Path(dataset_dir)
-        if not (self.dataset_dir / "images").is_dir() or not (self.dataset_dir / "masks").is_dir():
-            raise FileNotFoundError(f"dataset_dir {self.dataset_dir} must hold images/ and masks/.")
+        has_folders = (self.dataset_dir / "images").is_dir() and (self.dataset_dir / "masks").is_dir()
+        if not has_folders and not (self.dataset_dir / "dataset.json").is_file():
+            raise FileNotFoundError(
+                f"dataset_dir {self.dataset_dir} must hold images/ and masks/, or a Decathlon dataset.json."
+            )
         if not seeds:
             raise SettingsError("give at least one seed (--seeds 0 1 2).")
         self.seeds = [int(s) for s in seeds]
@@ -203,10 +206,11 @@ class StudyRunner:
         return {k: v[: self.profile.limits.get(k)] for k, v in parts.items()}
 
     def prepare(self) -> dict[str, Path]:
-        """Write every used image once through the bundle's own preprocessing (load, binarise the mask, fixed
+        """Write every used 2D image once through the bundle's own preprocessing (load, binarise the mask, fixed
         [0, 255] scaling, area resize to ``image_size``) as 8-bit PNG, so that the bundle runs do not each decode
         the full-size JPEGs again. The bundle still loads and resizes these files (the resize is then the
-        identity); the only change is 8-bit rounding after the resize (at most 0.5/255).
+        identity); the only change is 8-bit rounding after the resize (at most 0.5/255). Volumes (3D, or a
+        per-image intensity scaling) are not prepared: the datalists name the original files.
 
         Returns:
             ``{"validation": datalist path, "test": datalist path}`` (training items in both).
@@ -221,10 +225,11 @@ class StudyRunner:
         parser = ConfigParser()
         parser.read_config(self._config_files())
         parser.update({"bundle_root": str(self.work_dir), **self.profile.overrides, **self._data_settings()})
-        preprocess = Compose(parser.get_parsed_content("preprocessing"))  # the shared part: no random augmentation
         intensity_range = parser.get_parsed_content("intensity_range")
-        if intensity_range is None:
-            raise ValueError("a study needs a fixed intensity scaling (intensity_range) to prepare the data.")
+        if intensity_range is None or parser.get_parsed_content("spatial_dims") != 2:
+            # volumes (z-scored per volume): the bundle reads the original files, each workflow preprocesses them
+            return self._datalists({part: [dict(item) for item in items] for part, items in parts.items()}, start)
+        preprocess = Compose(parser.get_parsed_content("preprocessing"))  # the shared part: no random augmentation
         size = parser.get_parsed_content("image_size")
         out = self.work_dir / "data" / f"prepared_{size}"
         (out / "images").mkdir(parents=True, exist_ok=True)
@@ -240,6 +245,10 @@ class StudyRunner:
                     save_scaled_image(data["image"], image, intensity_range)
                     save_scaled_image(data["label"], mask, intensity_range, is_mask=True)
                 prepared[part].append({"image": f"{image}.png", "label": f"{mask}.png", "id": stem})
+        return self._datalists(prepared, start)
+
+    def _datalists(self, prepared: dict[str, list[dict]], start: float) -> dict[str, Path]:
+        (self.work_dir / "data").mkdir(parents=True, exist_ok=True)
         datalists = {}
         for name in ("validation", "test"):
             path = self.work_dir / "data" / f"datalist_{name}.json"

@@ -78,7 +78,7 @@ PROFILES: dict[str, Profile] = {
             "batch_size": 4,
             "learning_rate": 1e-3,
             "adv#track_loss": False,
-        },  # fmt: skip
+        },
         max_epochs=30,
         extra_configs=("hippocampus.json",),
         attack_steps=10,

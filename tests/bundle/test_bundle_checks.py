@@ -88,7 +88,7 @@ def test_ckpt_export_gives_torchscript_equal_to_the_eager_network(bundle, traine
     scripted = torch.jit.load(str(exported), map_location="cpu", _extra_files=extra_files)
     metadata = json.loads(bundle.metadata_json.read_text())
     assert json.loads(extra_files["metadata.json"])["version"] == metadata["version"]
-    assert json.loads(extra_files["inference.json"])["network_def"]["_target_"] == "BasicUNet"
+    assert json.loads(extra_files["inference.json"])["network_def"]["_target_"] == "monai.networks.nets.BasicUNet"
     eager = bundle.load_tiny_network(checkpoint)
     size = bundle.tiny_image_size
     images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -3,9 +3,10 @@
 Times, in one process and interleaved (round by round, every configuration once per round; the
 median over rounds is reported), on the same network and batch:
 
-- a plain :class:`monai.engines.SupervisedTrainer` iteration, and the same with
+- a plain :class:`monai.engines.SupervisedTrainer` iteration, the plain path of our step
+  (:class:`monai_adv.engines.AdversarialTrainingStep` with no methods, a second baseline), and the same with
   :class:`monai_adv.handlers.AdversarialAugmentationHandler` in append mode (FGSM; FGSM + InvFGSM),
-  replace mode (fraction 0.5), attached but disabled, and before its ``start_epoch``;
+  replace mode (fraction 0.5), attached but disabled, and before its ``start_epoch``, against both baselines;
 - generation by :class:`monai_adv.transforms.FGSM` against a minimal hand-written
   ``torch.autograd.grad`` FGSM;
 - a 5-epsilon robustness sweep (one input gradient, five single steps, each evaluated) against five
@@ -39,7 +40,10 @@ __all__ = ["Figure", "main", "run_benchmark"]
 
 @dataclass
 class Figure:
-    """One measured figure: ``ratio`` against ``target`` (``op`` is ``"<="`` or ``">="``), with its floor."""
+    """One measured figure: ``ratio`` against ``target`` (``op`` is ``"<="`` or ``">="``), with its floor.
+
+    ``unit`` follows the value where it is not a ratio (``"min"`` for an estimated duration).
+    """
 
     name: str
     ratio: float | None
@@ -47,6 +51,7 @@ class Figure:
     op: str
     target: float
     note: str = ""
+    unit: str = "x"
 
     @property
     def met(self) -> bool | None:
@@ -55,10 +60,10 @@ class Figure:
         return self.ratio <= self.target if self.op == "<=" else self.ratio >= self.target
 
     def line(self) -> str:
-        ratio = "   n/a" if self.ratio is None else f"{self.ratio:6.2f}x"
+        ratio = "   n/a" if self.ratio is None else f"{self.ratio:6.2f}{self.unit}"
         status = {True: "met", False: "NOT met", None: "skipped"}[self.met]
         note = f"  ({self.note})" if self.note else ""
-        return f"{self.name:<46} {ratio}  floor {self.floor:<7} target {self.op} {self.target:<5g} {status}{note}"
+        return f"{self.name:<56} {ratio}  floor {self.floor:<7} target {self.op} {self.target:<5g} {status}{note}"
 
 
 def _sync(device: torch.device) -> None:
@@ -87,11 +92,15 @@ def _loss():
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
-def _trainer(features, batch, device, iterations, handler=None, amp=False, amp_dtype=None):
+def _trainer(features, batch, device, iterations, handler=None, amp=False, amp_dtype=None, step=None):
+    """A ``SupervisedTrainer`` over ``iterations`` copies of ``batch``: its own step, the handler's (``handler``) or
+    a given ``iteration_update`` (``step``, e.g. :class:`~monai_adv.engines.AdversarialTrainingStep` alone)."""
     from monai.engines import SupervisedTrainer
 
     network = _network(features, device)
     kwargs = {"amp": amp, "amp_kwargs": {"dtype": amp_dtype}} if amp else {}
+    if handler is not None:
+        step = handler.iteration_update  # the step owns the iteration
     return SupervisedTrainer(
         device=device,
         max_epochs=1,
@@ -100,7 +109,7 @@ def _trainer(features, batch, device, iterations, handler=None, amp=False, amp_d
         optimizer=torch.optim.SGD(network.parameters(), lr=1e-3),
         loss_function=_loss(),
         train_handlers=[handler] if handler is not None else None,
-        iteration_update=handler.iteration_update if handler is not None else None,  # the step owns the iteration
+        iteration_update=step,
         **kwargs,
     )
 
@@ -198,6 +207,7 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
         rounds: interleaved rounds (median reported); default 5 (3 with ``quick``).
     """
     from monai_adv.attacks import gradient_sign_sweep, input_gradient, preserved_network_state
+    from monai_adv.engines import AdversarialTrainingStep
     from monai_adv.transforms import FGSM
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -211,6 +221,8 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
     trainers = {
         "plain": _trainer(features, batch, dev, iterations),
         "plain (timed again)": _trainer(features, batch, dev, iterations),
+        # the second baseline: our step's plain path (no methods), as the handler's cases run it, with no handler
+        "plain, our step": _trainer(features, batch, dev, iterations, step=AdversarialTrainingStep()),
         "append fgsm": _trainer(features, batch, dev, iterations, _handler("fgsm")),
         "append both": _trainer(features, batch, dev, iterations, _handler("both")),
         "append fgsm (separate pass)": _trainer(features, batch, dev, iterations, _handler("fgsm", fused=False)),
@@ -257,8 +269,9 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
     })  # fmt: skip
     seconds = _interleaved(cases, rounds, dev)
     step = {name: seconds[name] / iterations for name in trainers}
-    plain = step["plain"]
+    plain, ours = step["plain"], step["plain, our step"]
     ratio = {name: value / plain for name, value in step.items()}
+    ratio_ours = {name: value / ours for name, value in step.items()}
 
     plain_memory = _peak_memory(trainers["plain"].run, dev)
     append_memory = _peak_memory(trainers["append fgsm"].run, dev)
@@ -266,6 +279,7 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
     separate_memory = _peak_memory(trainers["append fgsm (separate pass)"].run, dev)
 
     replace_floor = 1 + seconds["input gradient, half batch"] / plain
+    replace_floor_ours = 1 + seconds["input gradient, half batch"] / ours
     noise = max(ratio["plain (timed again)"], 1 / ratio["plain (timed again)"])
     figures = [
         Figure("noise: a plain step timed twice", noise, "1.00x", "<=", 1.02,
@@ -275,7 +289,8 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
         Figure("replace, fraction 0.5", ratio["replace 0.5"], f"{replace_floor:.2f}x", "<=",
                round(1.05 * replace_floor, 2),
                "floor: 1 + an input-gradient pass on the replaced half, measured; target: within 5% of it"),
-        Figure("attached but disabled", ratio["disabled"], "1.00x", "<=", 1.02),
+        Figure("attached but disabled", ratio["disabled"], "1.00x", "<=", 1.02,
+               "the handler attached, its step on its plain path (enabled=False)"),
         Figure("free mode (one pass per step)", ratio["free"], "1.00x", "<=", 1.1,
                "trains on x + delta; delta updated from the step's own input gradient"),
         Figure("before start_epoch", ratio["before start_epoch"], "1.00x", "<=", 1.02),
@@ -287,6 +302,15 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
                "bytes saved for backward"),
         Figure("peak memory, append both vs plain", both_memory[0] / max(plain_memory[0], 1), "1.00x", "<=", 1.15,
                "bytes saved for backward"),
+        Figure("plain, our step vs SupervisedTrainer's", ratio["plain, our step"], "1.00x", "<=", 1.02,
+               "AdversarialTrainingStep() with no methods as iteration_update, no handler"),
+        Figure("append, FGSM (fused), vs our plain step", ratio_ours["append fgsm"], "2.00x", "<=", 2.1),
+        Figure("append, FGSM + InvFGSM (fused), vs our plain step", ratio_ours["append both"], "3.00x", "<=", 3.15),
+        Figure("replace, fraction 0.5, vs our plain step", ratio_ours["replace 0.5"], f"{replace_floor_ours:.2f}x",
+               "<=", round(1.05 * replace_floor_ours, 2), "floor and target as above, against our plain step"),
+        Figure("attached but disabled, vs our plain step", ratio_ours["disabled"], "1.00x", "<=", 1.02,
+               "what the handler adds to the step's plain path"),
+        Figure("free mode (one pass per step), vs our plain step", ratio_ours["free"], "1.00x", "<=", 1.1),
         Figure("(separate pass) append, FGSM", ratio["append fgsm (separate pass)"], "2.00x", "<=", 2.1,
                "fused=False: the previous behaviour"),
         Figure("(separate pass) append, FGSM + InvFGSM", ratio["append both (separate pass)"], "3.00x", "<=", 3.15,
@@ -467,7 +491,7 @@ def _markdown(result: dict, command: str, note: str = "") -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for f in result["figures"]:
-        ratio = "n/a" if f["ratio"] is None else f"{f['ratio']:.2f}x"
+        ratio = "n/a" if f["ratio"] is None else f"{f['ratio']:.2f}{f.get('unit', 'x')}"
         met = {True: "yes", False: "**no**", None: "skipped"}[f["met"]]
         remark = f" ({f['note']})" if f["note"] else ""
         lines.append(f"| {f['name']}{remark} | {ratio} | {f['floor']} | {f['op']} {f['target']:g} | {met} |")
@@ -482,8 +506,12 @@ def _markdown(result: dict, command: str, note: str = "") -> str:
         "the update equals a step on the concatenated batch (for sample-averaged losses and networks whose samples",
         "do not interact, such as BasicUNet with instance norm), at the memory of a plain step. `fused=False` and",
         "replace mode attack in a separate pass first (in the spec's `network_mode`, `eval` by default) and train",
-        "on the concatenated or partly replaced batch. Free mode trains on `x + delta`, one pass per step. The",
-        "baseline *plain* is `SupervisedTrainer`'s own step.",
+        "on the concatenated or partly replaced batch. Free mode trains on `x + delta`, one pass per step.",
+        "",
+        "Two baselines: *plain* is `SupervisedTrainer`'s own step (the rows without a suffix are against it), and",
+        "*plain, our step* is `AdversarialTrainingStep()` with no methods as the trainer's `iteration_update`,",
+        "the plain path every case here runs through (the rows *vs our plain step* are against it). *Attached",
+        "but disabled* is the handler attached with `enabled=False`: its step's plain path plus the handler.",
         "",
         "## Where a target sits under its floor",
         "",

@@ -13,7 +13,9 @@ median over rounds is reported), on the same network and batch:
   separate attacks (each evaluated);
 - the peak memory saved for backward (and, on CUDA, the allocator's peak) of append training
   against a plain step on the clean batch;
-- on CUDA, an augmented step under AMP (bfloat16) against float32.
+- on CUDA, an augmented step under AMP (bfloat16) against float32;
+- on a CPU, bfloat16 autocast (alone and with channels-last) against float32: our plain step and the fused append
+  step (the trainer's ``amp=True``), FGSM generation (``amp=True``) and a small robustness sweep (``amp=True``).
 
 Each figure is printed on one line with its ratio, floor, target and whether the target is met;
 ``--json`` saves them and ``--write-docs`` writes ``docs/performance.md`` with the machine it ran on.
@@ -22,14 +24,17 @@ Each figure is printed on one line with its ratio, floor, target and whether the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -92,26 +97,34 @@ def _loss():
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
-def _trainer(features, batch, device, iterations, handler=None, amp=False, amp_dtype=None, step=None):
+def _trainer(
+    features, batch, device, iterations, handler=None, amp=False, amp_dtype=None, step=None, channels_last=False
+):
     """A ``SupervisedTrainer`` over ``iterations`` copies of ``batch``: its own step, the handler's (``handler``) or
-    a given ``iteration_update`` (``step``, e.g. :class:`~monai_adv.engines.AdversarialTrainingStep` alone)."""
+    a given ``iteration_update`` (``step``, e.g. :class:`~monai_adv.engines.AdversarialTrainingStep` alone).
+    ``channels_last``: the network in ``torch.channels_last`` (give a batch converted alike)."""
     from monai.engines import SupervisedTrainer
 
     network = _network(features, device)
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
     kwargs = {"amp": amp, "amp_kwargs": {"dtype": amp_dtype}} if amp else {}
     if handler is not None:
         step = handler.iteration_update  # the step owns the iteration
-    return SupervisedTrainer(
-        device=device,
-        max_epochs=1,
-        train_data_loader=[batch] * iterations,
-        network=network,
-        optimizer=torch.optim.SGD(network.parameters(), lr=1e-3),
-        loss_function=_loss(),
-        train_handlers=[handler] if handler is not None else None,
-        iteration_update=step,
-        **kwargs,
-    )
+    with warnings.catch_warnings():
+        # amp=True on a CPU: MONAI builds a CUDA GradScaler, which disables itself (our step autocasts to bfloat16)
+        warnings.filterwarnings("ignore", message=r".*GradScaler.*")
+        return SupervisedTrainer(
+            device=device,
+            max_epochs=1,
+            train_data_loader=[batch] * iterations,
+            network=network,
+            optimizer=torch.optim.SGD(network.parameters(), lr=1e-3),
+            loss_function=_loss(),
+            train_handlers=[handler] if handler is not None else None,
+            iteration_update=step,
+            **kwargs,
+        )
 
 
 def _handler(methods: str, **kwargs):
@@ -196,6 +209,156 @@ def _peak_memory(run: Callable[[], object], device: torch.device) -> tuple[int, 
     if device.type == "cuda":
         allocator = torch.cuda.max_memory_allocated(device) - base
     return saved.peak, allocator
+
+
+class _EvaluationRun:
+    """A :class:`~monai_adv.evaluation.RobustnessEvaluator` over given batches, run once per call.
+
+    Each call records the seconds of its iterations (the attacks and the scores, not the files and plots it writes
+    when the run completes) and the network's passes: forward calls with gradients on (attack gradient passes) and
+    without (predictions).
+
+    Args:
+        network: the network evaluated (a forward pre-hook counts its calls during a run).
+        loss_function: the training loss of the attacks.
+        batches: the loader, a list of batch dictionaries.
+        device: the device the evaluation runs on.
+        output_dir: where the evaluator writes its files.
+        options: :class:`~monai_adv.evaluation.RobustnessEvaluator` options (attacks, epsilons, steps, ...).
+    """
+
+    def __init__(self, network, loss_function, batches, device: torch.device, output_dir: str, **options) -> None:
+        from ignite.engine import Events
+
+        from monai_adv.evaluation import RobustnessEvaluator
+
+        self.network, self.device = network, device
+        self.evaluator = RobustnessEvaluator(network, loss_function, batches, output_dir, device=device, **options)
+        self.evaluator.add_event_handler(Events.ITERATION_STARTED, self._start)
+        self.evaluator.add_event_handler(Events.ITERATION_COMPLETED, self._stop)
+        self.seconds: list[float] = []
+        self.passes: list[tuple[int, int]] = []  # (gradient passes, forwards without gradients) per run
+        self._started = 0.0
+
+    def _start(self) -> None:
+        _sync(self.device)
+        self._started = time.perf_counter()
+
+    def _stop(self) -> None:
+        _sync(self.device)
+        self.seconds[-1] += time.perf_counter() - self._started
+
+    def _count(self, module, args) -> None:
+        gradient, forward = self.passes[-1]
+        self.passes[-1] = (gradient + 1, forward) if torch.is_grad_enabled() else (gradient, forward + 1)
+
+    def __call__(self) -> None:
+        self.seconds.append(0.0)
+        self.passes.append((0, 0))
+        hook = self.network.register_forward_pre_hook(self._count)
+        try:
+            self.evaluator.run()
+        finally:
+            hook.remove()
+
+    def median_seconds(self) -> float:
+        """Median iteration seconds per run, leaving out the first (warm-up) run where there are others."""
+        return statistics.median(self.seconds[1:] or self.seconds)
+
+
+@contextlib.contextmanager
+def _quiet_evaluator() -> Iterator[None]:
+    """Silence the evaluator's log: the gradient-masking checks fail on the benchmark's untrained network."""
+    logger = logging.getLogger("RobustnessEvaluator")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _cpu_bf16_instructions() -> str:
+    """The CPU's bfloat16 instruction sets (Linux ``/proc/cpuinfo`` flags), for the notes of the bf16 figures."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    found = sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    return ", ".join(found) if found else "none"
+
+
+_CPU_BF16_NAMES = {
+    "plain": "bf16 autocast, plain step (our step) vs fp32 (CPU)",
+    "append": "bf16 autocast, append FGSM (fused) vs fp32 (CPU)",
+    "plain_cl": "bf16 + channels-last, plain step (our step) vs fp32 (CPU)",
+    "append_cl": "bf16 + channels-last, append FGSM (fused) vs fp32 (CPU)",
+    "fgsm": "bf16 autocast, FGSM(...) generation vs fp32 (CPU)",
+    "robustness": "bf16 autocast, robustness sweep vs fp32 (CPU)",
+}
+
+
+def _cpu_bf16_figures(features, batch, device, iterations, rounds, output_dir: str) -> tuple[list[Figure], dict]:
+    """Speed of bfloat16 autocast on a CPU against float32, side by side: training steps (the trainer's ``amp=True``,
+    which our step runs as bfloat16 autocast on a CPU; also with the network and batch in channels-last), FGSM
+    generation (``amp=True``) and a small robustness sweep (``amp=True``). Returns the figures and the seconds."""
+    from monai_adv.engines import AdversarialTrainingStep
+    from monai_adv.transforms import FGSM
+
+    def last(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.contiguous(memory_format=torch.channels_last)
+
+    batch_cl = {**batch, "image": last(batch["image"]), "label": last(batch["label"])}
+    bf16 = {"amp": True, "amp_dtype": torch.bfloat16}
+    step = AdversarialTrainingStep
+    trainers = {
+        "plain fp32": _trainer(features, batch, device, iterations, step=step()),
+        "plain bf16": _trainer(features, batch, device, iterations, step=step(), **bf16),
+        "plain bf16 channels-last": _trainer(features, batch_cl, device, iterations, step=step(), channels_last=True,
+                                             **bf16),
+        "append fp32": _trainer(features, batch, device, iterations, _handler("fgsm")),
+        "append bf16": _trainer(features, batch, device, iterations, _handler("fgsm"), **bf16),
+        "append bf16 channels-last": _trainer(features, batch_cl, device, iterations, _handler("fgsm"),
+                                              channels_last=True, **bf16),
+    }  # fmt: skip
+    network, loss_function = _network(features, device).eval(), _loss()
+    images, labels = batch["image"], batch["label"]
+    fgsm = {amp: FGSM(network, loss_function, epsilon=0.03, batched=True, amp=amp) for amp in (False, True)}
+    sweep = {"attacks": ["fgsm", "pgd", "ensemble"], "epsilons": [0.0, 2 / 255, 4 / 255], "num_steps": 3,
+             "checks": False, "num_examples": 0}  # fmt: skip
+    evaluations = {
+        amp: _EvaluationRun(network, loss_function, [batch], device, os.path.join(output_dir, f"amp_{amp}"),
+                            amp=amp, **sweep)
+        for amp in (False, True)
+    }  # fmt: skip
+    cases: dict[str, Callable[[], object]] = {name: trainer.run for name, trainer in trainers.items()}
+    cases.update({
+        "FGSM(...) fp32": lambda: fgsm[False](images, labels),
+        "FGSM(...) bf16": lambda: fgsm[True](images, labels),
+        "robustness sweep fp32": evaluations[False],
+        "robustness sweep bf16": evaluations[True],
+    })  # fmt: skip
+    with _quiet_evaluator():
+        seconds = _interleaved(cases, rounds, device)
+    # the sweeps' iterations only (not the files each run writes)
+    seconds["robustness sweep fp32"] = evaluations[False].median_seconds()
+    seconds["robustness sweep bf16"] = evaluations[True].median_seconds()
+    note = f"fp32 s / bf16 s; this CPU's bf16 instructions: {_cpu_bf16_instructions()}"
+    pairs = {
+        "plain": ("plain fp32", "plain bf16", "trainer amp=True: our step's bfloat16 autocast"),
+        "append": ("append fp32", "append bf16", "trainer amp=True"),
+        "plain_cl": ("plain fp32", "plain bf16 channels-last", "network and batch in torch.channels_last"),
+        "append_cl": ("append fp32", "append bf16 channels-last", "network and batch in torch.channels_last"),
+        "fgsm": ("FGSM(...) fp32", "FGSM(...) bf16", "FGSM(amp=True): torch.autocast('cpu'), bfloat16"),
+        "robustness": ("robustness sweep fp32", "robustness sweep bf16",
+                       "RobustnessEvaluator(amp=True), FGSM + PGD (3 steps) + ensemble at 2/255 and 4/255, one batch"),
+    }  # fmt: skip
+    figures = [
+        Figure(_CPU_BF16_NAMES[key], seconds[fp32] / seconds[bf16], "-", ">=", 1.2, f"{what}; {note}")
+        for key, (fp32, bf16, what) in pairs.items()
+    ]
+    return figures, seconds
 
 
 def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | None = None) -> dict:
@@ -334,6 +497,14 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
                               "-", ">=", 1.8))  # fmt: skip
     else:
         figures.append(Figure("AMP bf16 augmented step speed vs fp32 (CUDA)", None, "-", ">=", 1.8, "no GPU here"))
+    with tempfile.TemporaryDirectory(prefix="monai_adv_benchmark_") as output_dir:
+        if dev.type == "cpu":
+            cpu_figures, cpu_seconds = _cpu_bf16_figures(features, batch, dev, iterations, rounds, output_dir)
+            figures += cpu_figures
+            seconds.update({f"bf16 group: {name}": value for name, value in cpu_seconds.items()})
+        else:  # the GPU's own AMP figure is above
+            figures += [Figure(name, None, "-", ">=", 1.2, "a CPU figure: run with --device cpu")
+                        for name in _CPU_BF16_NAMES.values()]  # fmt: skip
     return {
         "machine": _machine(dev),
         "settings": {
@@ -471,6 +642,8 @@ def _machine(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        machine["cpu_bf16_instructions"] = _cpu_bf16_instructions()
     return machine
 
 
@@ -512,6 +685,14 @@ def _markdown(result: dict, command: str, note: str = "") -> str:
         "*plain, our step* is `AdversarialTrainingStep()` with no methods as the trainer's `iteration_update`,",
         "the plain path every case here runs through (the rows *vs our plain step* are against it). *Attached",
         "but disabled* is the handler attached with `enabled=False`: its step's plain path plus the handler.",
+        "",
+        "## bfloat16 on a CPU",
+        "",
+        "With the trainer's `amp=True`, our step autocasts to bfloat16 on a CPU (MONAI's own step autocasts on",
+        "CUDA only), so the bf16 rows compare our step with itself in float32. Channels-last puts the network and",
+        "the batch in `torch.channels_last`. FGSM and the robustness sweep use their `amp=True`",
+        "(`torch.autocast('cpu')`, whose default is bfloat16); the sweep's time is its iterations, not the files",
+        "it writes. Whether bf16 pays depends on the CPU's bf16 instructions (`cpu_bf16_instructions` above).",
         "",
         "## Where a target sits under its floor",
         "",

@@ -39,6 +39,15 @@ EXPECTED = [
     "attached but disabled, vs our plain step",
     "free mode (one pass per step), vs our plain step",
 ]
+# measured on a CPU only (skipped with --device cuda)
+CPU_ONLY = [
+    "bf16 autocast, plain step (our step) vs fp32 (CPU)",
+    "bf16 autocast, append FGSM (fused) vs fp32 (CPU)",
+    "bf16 + channels-last, plain step (our step) vs fp32 (CPU)",
+    "bf16 + channels-last, append FGSM (fused) vs fp32 (CPU)",
+    "bf16 autocast, FGSM(...) generation vs fp32 (CPU)",
+    "bf16 autocast, robustness sweep vs fp32 (CPU)",
+]
 # measured on a GPU only (skipped, with a ratio of None, on a CPU)
 CUDA_ONLY = [
     "AMP bf16 augmented step speed vs fp32 (CUDA)",
@@ -53,15 +62,15 @@ def test_quick_benchmark_prints_saves_and_documents_every_figure(tmp_path: Path)
     done = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    for name in EXPECTED + CUDA_ONLY:
+    for name in EXPECTED + CPU_ONLY + CUDA_ONLY:
         (line,) = [line for line in lines if line.startswith(name + " ")]
         assert "floor" in line and "target" in line
         assert any(status in line for status in (" met", " NOT met", " skipped"))
 
     result = json.loads(json_path.read_text())
     figures = {f["name"]: f for f in result["figures"]}
-    assert set(EXPECTED + CUDA_ONLY) <= set(figures)
-    for name in EXPECTED:  # measured here: a finite positive value, judged against its target
+    assert set(EXPECTED + CPU_ONLY + CUDA_ONLY) <= set(figures)
+    for name in EXPECTED + CPU_ONLY:  # measured here: a finite positive value, judged against its target
         assert math.isfinite(figures[name]["ratio"]) and figures[name]["ratio"] > 0, name
         assert figures[name]["met"] in (True, False), name
     for name in CUDA_ONLY:
@@ -71,7 +80,7 @@ def test_quick_benchmark_prints_saves_and_documents_every_figure(tmp_path: Path)
 
     docs = docs_path.read_text()
     assert "python -m monai_adv.benchmark --write-docs --quick" in docs
-    assert all(f"| {name}" in docs for name in EXPECTED + CUDA_ONLY)
+    assert all(f"| {name}" in docs for name in EXPECTED + CPU_ONLY + CUDA_ONLY)
     assert result["machine"]["platform"] in docs
     assert "Note:" not in docs  # no --note given
 

@@ -11,6 +11,9 @@ median over rounds is reported), on the same network and batch:
   ``torch.autograd.grad`` FGSM;
 - a 5-epsilon robustness sweep (one input gradient, five single steps, each evaluated) against five
   separate attacks (each evaluated);
+- the robustness budget: the bundle's default evaluation (every attack, 20 steps, 1 restart, iterative attacks at
+  2/255 and 4/255, the checks) on one batch as a multiple of an input-gradient pass, its estimated minutes for the
+  100 Kvasir-SEG test images at 64x64, and the gradient passes the shared FGSM/InvFGSM sweep saves;
 - the peak memory saved for backward (and, on CUDA, the allocator's peak) of append training
   against a plain step on the clean batch;
 - on CUDA, an augmented step under AMP (bfloat16) against float32;
@@ -68,7 +71,7 @@ class Figure:
         ratio = "   n/a" if self.ratio is None else f"{self.ratio:6.2f}{self.unit}"
         status = {True: "met", False: "NOT met", None: "skipped"}[self.met]
         note = f"  ({self.note})" if self.note else ""
-        return f"{self.name:<56} {ratio}  floor {self.floor:<7} target {self.op} {self.target:<5g} {status}{note}"
+        return f"{self.name:<60} {ratio}  floor {self.floor:<7} target {self.op} {self.target:<5g} {status}{note}"
 
 
 def _sync(device: torch.device) -> None:
@@ -361,6 +364,76 @@ def _cpu_bf16_figures(features, batch, device, iterations, rounds, output_dir: s
     return figures, seconds
 
 
+_BUDGET_NAMES = {
+    "passes": "robustness budget: default evaluation in gradient passes",
+    "minutes": "robustness budget: est. minutes, 100 Kvasir-SEG images 64x64",
+    "shared": "robustness budget: FGSM/InvFGSM rows per gradient pass",
+}
+#: The bundle's iterative epsilons for the budget (2/255 and 4/255; FGSM and InvFGSM run at every epsilon).
+_BUDGET_ITERATIVE_EPSILONS = (2 / 255, 4 / 255)
+
+
+def _robustness_budget(
+    features, batch, device, rounds: int, num_steps: int, output_dir: str, estimate: bool = True
+) -> list[Figure]:
+    """The default robustness evaluation's cost per batch as a multiple of one input-gradient pass on that batch,
+    its estimated minutes for the Kvasir-SEG test split (``estimate``: the network and batch are the reproduction's,
+    BasicUNet 16-128 at 64x64; else the figure is marked as no estimate), and what the shared FGSM/InvFGSM sweep saves.
+
+    The evaluation is the bundle's default (every attack, its nine epsilons, ``num_steps`` steps, one restart, the
+    checks) with the iterative attacks at 2/255 and 4/255 and no example grid; its iterations are timed (not the
+    files it writes), interleaved with an input-gradient pass and a forward pass without gradients on the batch.
+    """
+    from monai_adv.attacks import input_gradient, preserved_network_state
+    from monai_adv.evaluation.robustness import DEFAULT_ATTACKS, DEFAULT_EPSILONS
+
+    network, loss_function = _network(features, device).eval(), _loss()
+    images, labels = batch["image"], batch["label"]
+    common = {"epsilons": DEFAULT_EPSILONS, "num_examples": 0}
+    evaluation = _EvaluationRun(
+        network, loss_function, [batch], device, os.path.join(output_dir, "default"), attacks=DEFAULT_ATTACKS,
+        num_steps=num_steps, restarts=1, iterative_epsilons=_BUDGET_ITERATIVE_EPSILONS, checks=True, **common,
+    )  # fmt: skip
+    shared = _EvaluationRun(network, loss_function, [batch], device, os.path.join(output_dir, "shared"),
+                            attacks=["fgsm", "invfgsm"], checks=False, **common)  # fmt: skip
+
+    def gradient_pass():
+        with preserved_network_state(network, "eval"):
+            return input_gradient(network, loss_function, images, labels)
+
+    def forward():
+        with torch.no_grad():
+            return network(images)
+
+    with _quiet_evaluator():
+        seconds = _interleaved(
+            {"default evaluation": evaluation, "input-gradient pass": gradient_pass, "forward": forward}, rounds, device
+        )
+        shared()  # counted, not timed
+    per_pass, per_forward = seconds["input-gradient pass"], seconds["forward"]
+    evaluation_seconds = evaluation.median_seconds()
+    gradient_passes, forwards = evaluation.passes[-1]
+    floor = gradient_passes + forwards * per_forward / per_pass  # the passes alone, at their measured cost
+    batch_size = int(images.shape[0])
+    minutes = 100 * evaluation_seconds / batch_size / 60
+    rows = [r for r in shared.evaluator.rows if r["attack"] in ("fgsm", "invfgsm") and r["epsilon"] > 0]
+    shared_passes = max(shared.passes[-1][0], 1)
+    size = "x".join(str(n) for n in images.shape[2:])
+    caveat = "" if estimate else "; --quick: not the reproduction's network, size or steps, so no estimate of it"
+    return [
+        Figure(_BUDGET_NAMES["passes"], evaluation_seconds / per_pass, f"{floor:.0f}x", "<=", round(1.1 * floor),
+               f"per image = per batch of {batch_size} at {size}; {num_steps} steps; {gradient_passes} gradient passes "
+               f"and {forwards} forwards per batch; floor: those passes at their measured cost; target: within 10%"),
+        Figure(_BUDGET_NAMES["minutes"], minutes, "-", "<=", 10.0,
+               f"an estimate: 100 x the per-image cost of one batch of {batch_size} at {size} with {num_steps} steps "
+               f"on this machine, attacks and scores only (no loading, files or example grid){caveat}", unit=" min"),
+        Figure(_BUDGET_NAMES["shared"], len(rows) / shared_passes, "1.00x", ">=", float(len(rows)),
+               f"{len(rows)} rows (FGSM and InvFGSM at each positive epsilon) from {shared_passes} gradient pass(es); "
+               f"separate attacks would take {len(rows)}: {len(rows) - shared_passes} saved per batch, of "
+               f"{gradient_passes + len(rows) - shared_passes} the default evaluation would take"),
+    ]  # fmt: skip
+
+
 def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | None = None) -> dict:
     """Measure every figure; returns ``{"machine": ..., "settings": ..., "figures": [...]}``.
 
@@ -378,6 +451,8 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
     batch_size, size = (4, 32) if quick else (16, 64)
     rounds = rounds or (3 if quick else 5)
     iterations = 1 if quick else 2
+    # the default robustness evaluation takes about 300 gradient passes a round: at most 3 rounds of it
+    budget_rounds, budget_steps = (1, 3) if quick else (min(rounds, 3), 20)
     batch = _batch(batch_size, size, dev)
     warnings.filterwarnings("ignore", message=r".*start_epoch=.*after the last epoch.*")
 
@@ -505,6 +580,7 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
         else:  # the GPU's own AMP figure is above
             figures += [Figure(name, None, "-", ">=", 1.2, "a CPU figure: run with --device cpu")
                         for name in _CPU_BF16_NAMES.values()]  # fmt: skip
+        figures += _robustness_budget(features, batch, dev, budget_rounds, budget_steps, output_dir, not quick)
     return {
         "machine": _machine(dev),
         "settings": {
@@ -514,6 +590,7 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
             "optimizer": "SGD, SupervisedTrainer",
             "rounds": rounds,
             "iterations_per_round": iterations,
+            "robustness_budget": f"{budget_rounds} round(s), {budget_steps} steps, iterative epsilons 2/255 and 4/255",
             "torch_threads": torch.get_num_threads(),
         },
         "seconds": seconds,
@@ -693,6 +770,16 @@ def _markdown(result: dict, command: str, note: str = "") -> str:
         "the batch in `torch.channels_last`. FGSM and the robustness sweep use their `amp=True`",
         "(`torch.autocast('cpu')`, whose default is bfloat16); the sweep's time is its iterations, not the files",
         "it writes. Whether bf16 pays depends on the CPU's bf16 instructions (`cpu_bf16_instructions` above).",
+        "",
+        "## The robustness budget",
+        "",
+        "The bundle's default `run robustness` (every attack at its nine epsilons, 20 steps, 1 restart, the",
+        "iterative attacks at 2/255 and 4/255, the gradient-masking checks; no example grid) on the benchmark's",
+        "batch, its iterations timed. Its floor counts the network passes it made (a forward hook) at the measured",
+        "cost of an input-gradient pass and of a forward without gradients; the rest is projections, best-iterate",
+        "bookkeeping and scores. The minutes are an estimate, 100 x the per-image cost of that batch on this",
+        "machine, beside the 10-minute target for the Kvasir-SEG test split at 64x64: not a timed run of it.",
+        "The shared row counts the FGSM and InvFGSM rows a run makes from one input gradient per batch.",
         "",
         "## Where a target sits under its floor",
         "",

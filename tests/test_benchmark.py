@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from monai_adv.attacks import run_attack
+from monai_adv.evaluation.robustness import DEFAULT_EPSILONS
 from monai_adv.transforms import FGSM, InvFGSM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,9 @@ EXPECTED = [
     "replace, fraction 0.5, vs our plain step",
     "attached but disabled, vs our plain step",
     "free mode (one pass per step), vs our plain step",
+    "robustness budget: default evaluation in gradient passes",
+    "robustness budget: est. minutes, 100 Kvasir-SEG images 64x64",
+    "robustness budget: FGSM/InvFGSM rows per gradient pass",
 ]
 # measured on a CPU only (skipped with --device cuda)
 CPU_ONLY = [
@@ -76,6 +80,13 @@ def test_quick_benchmark_prints_saves_and_documents_every_figure(tmp_path: Path)
     for name in CUDA_ONLY:
         assert figures[name]["ratio"] is None and figures[name]["met"] is None, name
     assert result["machine"]["device"] == "cpu"
+    # the shared sweep: FGSM and InvFGSM at every positive default epsilon from one gradient pass per batch
+    rows = 2 * sum(e > 0 for e in DEFAULT_EPSILONS)
+    assert figures["robustness budget: FGSM/InvFGSM rows per gradient pass"]["ratio"] == rows
+    assert (
+        "not the reproduction's network"
+        in figures["robustness budget: est. minutes, 100 Kvasir-SEG images 64x64"]["note"]
+    )
     assert result["machine"]["cpu_count"] and result["machine"]["torch"]
 
     docs = docs_path.read_text()

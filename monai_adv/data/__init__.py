@@ -25,7 +25,7 @@ from monai_adv.data.datalist import (
 )
 from monai_adv.data.loading import CheckedLoadImageD, CheckedLoadImaged, CheckedLoadImageDict
 from monai_adv.data.synthetic import ensure_synthetic_dataset, make_synthetic_dataset
-from monai_adv.data.volumes import volume_patches, volume_preprocessing
+from monai_adv.data.volumes import ZScored, volume_patches, volume_preprocessing
 
 __all__ = [
     "AUGMENTATIONS",
@@ -37,6 +37,7 @@ __all__ = [
     "ImageHeader",
     "MaskToLabels",
     "ValueStats",
+    "ZScored",
     "binarize_mask",
     "check_datalist",
     "datalist_from_folders",

@@ -8,7 +8,7 @@ import torch
 from monai.transforms import (
     EnsureTyped,
     Lambdad,
-    NormalizeIntensityd,
+    NormalizeIntensity,
     Orientationd,
     RandCropByPosNegLabeld,
     SpatialPadd,
@@ -18,7 +18,34 @@ from monai.transforms.transform import MapTransform
 from monai_adv.data.datalist import MaskToLabels
 from monai_adv.data.loading import CheckedLoadImaged
 
-__all__ = ["volume_patches", "volume_preprocessing"]
+__all__ = ["ZScored", "volume_patches", "volume_preprocessing"]
+
+#: the item key that says a volume is already in normalised units (adversarial copies written by run augment)
+NORMALIZED_KEY = "normalized"
+
+
+class ZScored(MapTransform):
+    """Z-score each volume on its own (``NormalizeIntensity(nonzero=True, channel_wise=True)``), except items whose
+    ``flag_key`` is true: adversarial copies that ``run augment`` wrote in these units already, which must reload
+    as they were written. Every output carries ``flag_key`` (True), so a batch of originals and copies collates.
+
+    Args:
+        keys: the image key(s).
+        flag_key: the item key of already normalised volumes.
+    """
+
+    def __init__(self, keys: str | Sequence[str], flag_key: str = NORMALIZED_KEY) -> None:
+        super().__init__(keys)
+        self.flag_key = flag_key
+        self.normalize = NormalizeIntensity(nonzero=True, channel_wise=True)
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        if not bool(d.get(self.flag_key, False)):
+            for key in self.key_iterator(d):
+                d[key] = self.normalize(d[key])
+        d[self.flag_key] = True
+        return d
 
 
 def volume_preprocessing(
@@ -31,8 +58,9 @@ def volume_preprocessing(
 
     ``CheckedLoadImaged`` (channel first, files named in errors), ``Orientationd`` to ``axcodes``, the label through
     :class:`~monai_adv.data.MaskToLabels` (class indices kept, values beyond ``out_channels - 1`` refused),
-    ``NormalizeIntensityd(nonzero=True, channel_wise=True)`` on the image (each volume on its own: scanners'
-    scales differ by orders of magnitude, so a fixed range would be wrong), ``SpatialPadd`` to at least
+    :class:`ZScored` on the image (``NormalizeIntensity(nonzero=True, channel_wise=True)``, each volume on its own:
+    scanners' scales differ by orders of magnitude, so a fixed range would be wrong; skipped for adversarial copies
+    flagged ``"normalized": true``), ``SpatialPadd`` to at least
     ``spatial_size`` (volumes are never cropped; a larger one stays larger, which sliding-window inference handles),
     float32. Every transform is invertible or key-wise, so ``Invertd`` maps predictions back to the input's grid.
 
@@ -54,7 +82,7 @@ def volume_preprocessing(
     if labels:
         transforms.append(Lambdad(keys=labels, func=MaskToLabels(out_channels=out_channels)))
     transforms += [
-        NormalizeIntensityd(keys=image, nonzero=True, channel_wise=True),
+        ZScored(keys=image),
         SpatialPadd(keys=keys, spatial_size=list(spatial_size)),
         EnsureTyped(keys=keys, dtype=torch.float32),
     ]

@@ -25,7 +25,7 @@ from monai_adv.bundle.locks import FolderLock
 from monai_adv.errors import SettingsError
 from monai_adv.evaluation.robustness import load_network_weights
 
-__all__ = ["AdversarialDatasetWriter", "save_scaled_image"]
+__all__ = ["NORMALIZED_KEY", "AdversarialDatasetWriter", "save_normalized_volume", "save_scaled_image"]
 
 _DIRECTION = {"fgsm": "ascend", "invfgsm": "descend"}
 
@@ -36,6 +36,32 @@ def _stem(path: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
+
+
+#: the datalist key of copies already in the preprocessing's normalised units (volume_preprocessing skips them)
+NORMALIZED_KEY = "normalized"
+
+
+def save_normalized_volume(
+    array: torch.Tensor, path: str | os.PathLike, is_mask: bool = False, affine: Any = None
+) -> str:
+    """Write a preprocessed ``(C, *spatial)`` volume as it is (float32 NIfTI; masks uint8) with ``affine``, the
+    affine of the preprocessed grid (MONAI's MetaTensor keeps it through orientation and padding, so the copy lies
+    where its original lies in world coordinates).
+
+    Returns:
+        The path written (``.nii.gz`` added).
+    """
+    from monai.data import NibabelWriter
+
+    data = torch.as_tensor(array).detach().float().cpu()
+    out = Path(path).parent / (Path(path).name + ".nii.gz")
+    writer = NibabelWriter(output_dtype=np.uint8 if is_mask else np.float32)
+    writer.set_data_array((data.round().to(torch.uint8) if is_mask else data).numpy(), channel_dim=0)
+    affine = None if affine is None else torch.as_tensor(affine).cpu().numpy()
+    writer.set_metadata({"affine": affine, "original_affine": affine} if affine is not None else None)
+    writer.write(out, verbose=False)
+    return str(out)
 
 
 def save_scaled_image(
@@ -114,9 +140,14 @@ class AdversarialDatasetWriter:
         clamp, value_range: value bounds of the adversarial images (see the core).
         amp: attack under ``torch.autocast``.
         image_key, label_key: keys of the batch and items.
+        normalized_copies: write each copy as it is, in the preprocessing's normalised units (z-scored volumes),
+            as a float32 NIfTI on the preprocessed grid with its affine, and flag it ``"normalized": true`` in the
+            datalists, so that :func:`~monai_adv.data.volume_preprocessing` does not normalise it again (it then
+            reloads as the adversarial volume itself). Needed when ``intensity_range`` is None.
 
     Raises:
-        ValueError: for unknown methods, a negative epsilon, ``intensity_range=None``, or a loader whose length
+        ValueError: for unknown methods, a negative epsilon, ``intensity_range=None`` without ``normalized_copies``,
+            or a loader whose length
             differs from ``training``.
         FileNotFoundError: for a missing checkpoint.
     """
@@ -139,6 +170,7 @@ class AdversarialDatasetWriter:
         amp: bool = False,
         image_key: str = "image",
         label_key: str = "label",
+        normalized_copies: bool = False,
     ) -> None:
         methods = [methods] if isinstance(methods, str) else list(methods)
         unknown = [m for m in methods if m not in _DIRECTION]
@@ -146,14 +178,16 @@ class AdversarialDatasetWriter:
             raise ValueError(f"unknown augment method(s) {unknown or methods!r}: choose from {list(_DIRECTION)}.")
         if not float(epsilon) >= 0:
             raise ValueError(f"epsilon must be non-negative, got {epsilon!r}.")
-        if intensity_range is None:
+        self.normalized_copies = bool(normalized_copies)
+        if intensity_range is None and not self.normalized_copies:
             raise SettingsError(
                 "run augment needs a fixed intensity scaling (intensity_range, e.g. [0, 255]): with per-image "
-                "scaling (intensity_range null, or the z-scored volumes of configs/hippocampus.json) reloading a "
-                "saved copy normalises it again and changes the perturbation. Attack the volumes online instead "
-                "(run training with --adv#recipe ...), or give a fixed --intensity_range for CT in Hounsfield units."
+                "scaling (intensity_range null) reloading a saved copy rescales it and changes the perturbation. "
+                "For volumes whose preprocessing skips the normalisation of flagged items "
+                "(monai_adv.data.volume_preprocessing, configs/hippocampus.json), write normalized copies "
+                "(normalized_copies=True)."
             )
-        self.low, self.high = (float(v) for v in intensity_range)
+        self.low, self.high = (0.0, 1.0) if intensity_range is None else (float(v) for v in intensity_range)
         if not self.low < self.high:
             raise ValueError(f"intensity_range must be (low, high) with low < high, got {list(intensity_range)}.")
         self.png = (self.low, self.high) == (0.0, 255.0)
@@ -171,6 +205,8 @@ class AdversarialDatasetWriter:
         self.result: dict[str, Any] | None = None
 
     def _write(self, array: torch.Tensor, path: Path, is_mask: bool, affine: torch.Tensor | None = None) -> str:
+        if self.normalized_copies:  # float32 NIfTI in the normalised units, on the preprocessed grid
+            return save_normalized_volume(array, path, is_mask=is_mask, affine=affine)
         return save_scaled_image(array, path, (self.low, self.high), is_mask=is_mask, affine=affine)
 
     def run(self) -> dict[str, Any]:
@@ -253,7 +289,10 @@ class AdversarialDatasetWriter:
                     name = f"{stem}_{method}"
                     image_path = self._write(adv, self.output_dir / "images" / name, False, affines[b])
                     mask_path = self._write(labels[b], self.output_dir / "masks" / name, True, affines[b])
-                    copies[method].append({"image": image_path, "label": mask_path, "id": name})
+                    copy = {"image": image_path, "label": mask_path, "id": name}
+                    if self.normalized_copies:
+                        copy[NORMALIZED_KEY] = True  # the preprocessing must not normalise it again
+                    copies[method].append(copy)
                 index += 1
         if index != len(self.training):
             raise ValueError(f"the data loader yielded {index} items for {len(self.training)} training items.")

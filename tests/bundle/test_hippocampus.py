@@ -80,12 +80,32 @@ def test_evaluate_and_robustness_score_each_class_through_the_sliding_window(bun
     assert names == set(split["validation"][:2])  # each volume named by its case id
 
 
-def test_augment_on_z_scored_volumes_is_refused_with_the_reason(bundle, hippocampus, trained_3d):
+def test_augment_writes_z_scored_copies_that_reload_within_epsilon_and_train(bundle, hippocampus, trained_3d):
+    import torch
+    from monai.transforms import Compose
+
+    from monai_adv.data import volume_preprocessing
+
     root, _ = trained_3d
-    run = bundle.run("run", "augment", "--config_file", _configs(bundle, "augment.json"), "--bundle_root", root,
-                     *bundle.overrides({"dataset_dir": hippocampus, **TINY_3D}), expect_success=False)  # fmt: skip
-    last = run.output.strip().splitlines()[-1]
-    assert last.startswith("monai-adv: error: run augment needs a fixed intensity scaling"), run.describe()
+    epsilon = 0.05
+    settings = bundle.overrides({"dataset_dir": hippocampus, **{k: v for k, v in TINY_3D.items() if k != "max_epochs"}})
+    bundle.run("run", "augment", "--config_file", _configs(bundle, "augment.json"), "--bundle_root", root, *settings,
+               "--adv#epsilon", epsilon)  # fmt: skip
+    datalist = json.loads((root / "data" / "adversarial" / "datalist_fgsm.json").read_text())
+    originals, copies = datalist["training"][:4], datalist["training"][4:]
+    assert len(copies) == 4 and all(c["normalized"] is True for c in copies)
+    load = Compose(volume_preprocessing(["image", "label"], out_channels=3, spatial_size=(48, 64, 48)))
+    for original, copy in zip(originals, copies):
+        clean, adversarial = load(original), load(copy)
+        difference = (adversarial["image"] - clean["image"]).abs()
+        assert float(difference.max()) <= epsilon + 1e-5 and float(difference.max()) > epsilon / 2
+        assert torch.allclose(adversarial["image"].affine, clean["image"].affine)  # the same place in the world
+        assert torch.equal(adversarial["label"].as_tensor(), clean["label"].as_tensor())
+    # the doubled datalist trains (originals and flagged copies in one batch)
+    trained = bundle.run("run", "training", "--config_file", _configs(bundle), "--bundle_root", root / "doubled",
+                         *bundle.overrides({**TINY_3D, "max_epochs": 1, "adv#method": "none"}),
+                         "--datalist_file", root / "data" / "adversarial" / "datalist_fgsm.json")  # fmt: skip
+    assert (root / "doubled" / "models" / "model.pt").is_file(), trained.describe()
 
 
 def test_inference_writes_nifti_predictions_on_the_inputs_grid(bundle, hippocampus, trained_3d, tmp_path):

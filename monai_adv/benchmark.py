@@ -16,6 +16,7 @@ median over rounds is reported), on the same network and batch:
   100 Kvasir-SEG test images at 64x64, and the gradient passes the shared FGSM/InvFGSM sweep saves;
 - the peak memory saved for backward (and, on CUDA, the allocator's peak) of append training
   against a plain step on the clean batch;
+- the fused append step and its memory on volumes: a 3D BasicUNet (one channel in, three classes) at 48x64x48;
 - on CUDA, an augmented step under AMP (bfloat16) against float32;
 - on a CPU, bfloat16 autocast (alone and with channels-last) against float32: our plain step and the fused append
   step (the trainer's ``amp=True``), FGSM generation (``amp=True``) and a small robustness sweep (``amp=True``).
@@ -79,11 +80,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _network(features: tuple[int, ...], device: torch.device, seed: int = 0) -> torch.nn.Module:
+def _network(
+    features: tuple[int, ...],
+    device: torch.device,
+    seed: int = 0,
+    spatial_dims: int = 2,
+    in_channels: int = 3,
+    out_channels: int = 2,
+) -> torch.nn.Module:
     from monai.networks.nets import BasicUNet
 
     torch.manual_seed(seed)
-    return BasicUNet(spatial_dims=2, in_channels=3, out_channels=2, features=features).to(device)
+    return BasicUNet(spatial_dims, in_channels, out_channels, features=features).to(device)
+
+
+#: The 3D figures' network: one input channel, three classes (background and two structures).
+_VOLUME_NETWORK = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3}
+
+
+def _volume_batch(batch_size: int, shape: tuple[int, int, int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Volumes ``(B, 1, *shape)`` in [0, 1] and labels ``(B, 1, *shape)`` with classes 0, 1 and 2."""
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.rand(batch_size, 1, *shape, generator=generator) * 3).floor()
+    images = (0.3 + 0.2 * labels + 0.1 * torch.randn(batch_size, 1, *shape, generator=generator)).clamp(0, 1)
+    return {"image": images.to(device), "label": labels.to(device), "id": [f"volume{i}" for i in range(batch_size)]}
 
 
 def _batch(batch_size: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -101,14 +121,24 @@ def _loss():
 
 
 def _trainer(
-    features, batch, device, iterations, handler=None, amp=False, amp_dtype=None, step=None, channels_last=False
+    features,
+    batch,
+    device,
+    iterations,
+    handler=None,
+    amp=False,
+    amp_dtype=None,
+    step=None,
+    channels_last=False,
+    network_options: dict | None = None,
 ):
     """A ``SupervisedTrainer`` over ``iterations`` copies of ``batch``: its own step, the handler's (``handler``) or
     a given ``iteration_update`` (``step``, e.g. :class:`~monai_adv.engines.AdversarialTrainingStep` alone).
-    ``channels_last``: the network in ``torch.channels_last`` (give a batch converted alike)."""
+    ``channels_last``: the network in ``torch.channels_last`` (give a batch converted alike); ``network_options``:
+    :func:`_network`'s (e.g. :data:`_VOLUME_NETWORK`)."""
     from monai.engines import SupervisedTrainer
 
-    network = _network(features, device)
+    network = _network(features, device, **(network_options or {}))
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
     kwargs = {"amp": amp, "amp_kwargs": {"dtype": amp_dtype}} if amp else {}
@@ -434,6 +464,38 @@ def _robustness_budget(
     ]  # fmt: skip
 
 
+_VOLUME_NAMES = {
+    "append": "3D: append, FGSM (fused)",
+    "append_ours": "3D: append, FGSM (fused), vs our plain step",
+    "memory": "3D: peak memory, append FGSM vs plain",
+    "allocator": "3D: peak allocator memory, append FGSM vs plain (CUDA)",
+}
+
+
+def _volume_figures(features, batch, device, rounds: int) -> list[Figure]:
+    """The fused append step on volumes (3D BasicUNet, one channel in, three classes) against a plain step:
+    speed against both baselines and the peak memory saved for backward (and, on CUDA, the allocator's)."""
+    from monai_adv.engines import AdversarialTrainingStep
+
+    options = {"network_options": _VOLUME_NETWORK}
+    trainers = {
+        "plain": _trainer(features, batch, device, 1, **options),
+        "plain, our step": _trainer(features, batch, device, 1, step=AdversarialTrainingStep(), **options),
+        "append fgsm": _trainer(features, batch, device, 1, _handler("fgsm"), **options),
+    }
+    seconds = _interleaved({name: trainer.run for name, trainer in trainers.items()}, rounds, device)
+    plain_memory = _peak_memory(trainers["plain"].run, device)
+    append_memory = _peak_memory(trainers["append fgsm"].run, device)
+    allocator = None if device.type != "cuda" else append_memory[1] / max(plain_memory[1], 1)
+    return [
+        Figure(_VOLUME_NAMES["append"], seconds["append fgsm"] / seconds["plain"], "2.00x", "<=", 2.1),
+        Figure(_VOLUME_NAMES["append_ours"], seconds["append fgsm"] / seconds["plain, our step"], "2.00x", "<=", 2.1),
+        Figure(_VOLUME_NAMES["memory"], append_memory[0] / max(plain_memory[0], 1), "1.00x", "<=", 1.15,
+               "bytes saved for backward"),
+        Figure(_VOLUME_NAMES["allocator"], allocator, "1.00x", "<=", 1.15, "" if allocator is not None else "no GPU here"),
+    ]  # fmt: skip
+
+
 def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | None = None) -> dict:
     """Measure every figure; returns ``{"machine": ..., "settings": ..., "figures": [...]}``.
 
@@ -453,6 +515,8 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
     iterations = 1 if quick else 2
     # the default robustness evaluation takes about 300 gradient passes a round: at most 3 rounds of it
     budget_rounds, budget_steps = (1, 3) if quick else (min(rounds, 3), 20)
+    volume_features = (4, 4, 8, 8, 16, 4) if quick else (8, 8, 16, 32, 64, 8)
+    volume_batch_size, volume_shape = (2, (32, 32, 32)) if quick else (2, (48, 64, 48))
     batch = _batch(batch_size, size, dev)
     warnings.filterwarnings("ignore", message=r".*start_epoch=.*after the last epoch.*")
 
@@ -556,6 +620,7 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
         Figure("(separate pass) peak memory, append FGSM", separate_memory[0] / max(plain_memory[0], 1), "1.00x",
                "<=", 1.15, "fused=False trains on the concatenated batch"),
     ]  # fmt: skip
+    figures += _volume_figures(volume_features, _volume_batch(volume_batch_size, volume_shape, dev), dev, rounds)
     if dev.type == "cuda":
         figures.append(
             Figure("peak allocator memory, append FGSM vs plain (CUDA)", append_memory[1] / max(plain_memory[1], 1),
@@ -571,6 +636,8 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
         figures.append(Figure("AMP bf16 augmented step speed vs fp32 (CUDA)", amp_seconds["fp32"] / amp_seconds["bf16"],
                               "-", ">=", 1.8))  # fmt: skip
     else:
+        figures.append(Figure("peak allocator memory, append FGSM vs plain (CUDA)", None, "1.00x", "<=", 1.15,
+                              "no GPU here"))  # fmt: skip
         figures.append(Figure("AMP bf16 augmented step speed vs fp32 (CUDA)", None, "-", ">=", 1.8, "no GPU here"))
     with tempfile.TemporaryDirectory(prefix="monai_adv_benchmark_") as output_dir:
         if dev.type == "cpu":
@@ -587,6 +654,8 @@ def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | 
             "quick": quick,
             "network": f"BasicUNet 2D, in 3, out 2, features {list(features)}",
             "batch": f"{batch_size} x 3 x {size} x {size}",
+            "volume_network": f"BasicUNet 3D, in 1, out 3, features {list(volume_features)}",
+            "volume_batch": f"{volume_batch_size} x 1 x {' x '.join(map(str, volume_shape))}, one iteration a round",
             "optimizer": "SGD, SupervisedTrainer",
             "rounds": rounds,
             "iterations_per_round": iterations,
@@ -762,6 +831,8 @@ def _markdown(result: dict, command: str, note: str = "") -> str:
         "*plain, our step* is `AdversarialTrainingStep()` with no methods as the trainer's `iteration_update`,",
         "the plain path every case here runs through (the rows *vs our plain step* are against it). *Attached",
         "but disabled* is the handler attached with `enabled=False`: its step's plain path plus the handler.",
+        "The *3D* rows are the fused append step on volumes (`volume_network`, `volume_batch` above), against both",
+        "baselines, with its memory saved for backward.",
         "",
         "## bfloat16 on a CPU",
         "",

@@ -42,6 +42,9 @@ EXPECTED = [
     "robustness budget: default evaluation in gradient passes",
     "robustness budget: est. minutes, 100 Kvasir-SEG images 64x64",
     "robustness budget: FGSM/InvFGSM rows per gradient pass",
+    "3D: append, FGSM (fused)",
+    "3D: append, FGSM (fused), vs our plain step",
+    "3D: peak memory, append FGSM vs plain",
 ]
 # measured on a CPU only (skipped with --device cuda)
 CPU_ONLY = [
@@ -54,6 +57,8 @@ CPU_ONLY = [
 ]
 # measured on a GPU only (skipped, with a ratio of None, on a CPU)
 CUDA_ONLY = [
+    "peak allocator memory, append FGSM vs plain (CUDA)",
+    "3D: peak allocator memory, append FGSM vs plain (CUDA)",
     "AMP bf16 augmented step speed vs fp32 (CUDA)",
 ]
 

@@ -75,6 +75,23 @@ class Figure:
         return f"{self.name:<60} {ratio}  floor {self.floor:<7} target {self.op} {self.target:<5g} {status}{note}"
 
 
+def _device(device: str | None) -> torch.device:
+    """The device to measure on: ``device``, or CUDA when available, else the CPU.
+
+    Raises:
+        ValueError: for a device other than ``cpu`` or ``cuda[:N]``, or CUDA where none is available.
+    """
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # not a device name at all
+        dev = torch.device("meta")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: the benchmark runs on cpu or cuda.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here (torch {torch.__version__}).")
+    return dev
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -499,16 +516,22 @@ def _volume_figures(features, batch, device, rounds: int) -> list[Figure]:
 def run_benchmark(quick: bool = False, device: str | None = None, rounds: int | None = None) -> dict:
     """Measure every figure; returns ``{"machine": ..., "settings": ..., "figures": [...]}``.
 
+    On CUDA every figure runs on the GPU, the allocator peaks and the AMP figure included; the CPU bf16 figures
+    are listed as skipped there (and the CUDA-only ones on a CPU).
+
     Args:
         quick: a small network and batch (a smoke test of the benchmark itself, not figures to report).
         device: ``"cpu"`` or ``"cuda"``; default CUDA when available.
         rounds: interleaved rounds (median reported); default 5 (3 with ``quick``).
+
+    Raises:
+        ValueError: for ``device="cuda"`` where no CUDA device is available, or another device type.
     """
     from monai_adv.attacks import gradient_sign_sweep, input_gradient, preserved_network_state
     from monai_adv.engines import AdversarialTrainingStep
     from monai_adv.transforms import FGSM
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _device(device)
     features = (4, 4, 8, 8, 16, 4) if quick else (16, 16, 32, 64, 128, 16)
     batch_size, size = (4, 32) if quick else (16, 64)
     rounds = rounds or (3 if quick else 5)
@@ -697,7 +720,7 @@ def run_soak(iterations: int = 500, quick: bool = False, device: str | None = No
     from ignite.engine import Events
     from monai.engines import SupervisedTrainer
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _device(device)
     features = (4, 4, 8, 8, 16, 4) if quick else (16, 16, 32, 64, 128, 16)
     batch_size, size = (4, 32) if quick else (16, 64)
     epoch_length = min(50, iterations)
@@ -844,13 +867,23 @@ def _markdown(result: dict, command: str, note: str = "") -> str:
         "",
         "## The robustness budget",
         "",
-        "The bundle's default `run robustness` (every attack at its nine epsilons, 20 steps, 1 restart, the",
-        "iterative attacks at 2/255 and 4/255, the gradient-masking checks; no example grid) on the benchmark's",
-        "batch, its iterations timed. Its floor counts the network passes it made (a forward hook) at the measured",
+        "The bundle's default `run robustness` (every attack: FGSM and InvFGSM at the nine epsilons, the",
+        "iterative ones at 2/255 and 4/255 with 20 steps and 1 restart, the gradient-masking checks; no example",
+        "grid; `robustness_budget` above says the steps and rounds of this run) on the benchmark's batch, its",
+        "iterations timed. Its floor counts the network passes it made (a forward hook) at the measured",
         "cost of an input-gradient pass and of a forward without gradients; the rest is projections, best-iterate",
         "bookkeeping and scores. The minutes are an estimate, 100 x the per-image cost of that batch on this",
         "machine, beside the 10-minute target for the Kvasir-SEG test split at 64x64: not a timed run of it.",
         "The shared row counts the FGSM and InvFGSM rows a run makes from one input gradient per batch.",
+        "",
+        "## Running it",
+        "",
+        "On a CPU: `python -m monai_adv.benchmark --device cpu` (`--rounds N` for more rounds, `--write-docs` for",
+        "this page, `--quick` for a smoke test of the benchmark itself). On a GPU, one command measures every figure",
+        "there, the append, replace and free ratios, the memory saved for backward and the allocator's peaks (2D and",
+        "3D), AMP bf16 against fp32 and the robustness budget:",
+        "`python -m monai_adv.benchmark --device cuda --write-docs docs/performance_cuda.md` (a page of its own, so",
+        "that the CPU page stays). The CPU bf16 rows are skipped on a GPU, the CUDA rows on a CPU.",
         "",
         "## Where a target sits under its floor",
         "",
@@ -891,6 +924,10 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the figures: N augmented iterations, checking that memory stays flat (e.g. 500)",
     )
     args = parser.parse_args(argv)
+    try:
+        _device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     if args.soak is not None:
         soak = run_soak(iterations=args.soak, quick=args.quick, device=args.device)
         print(f"# {soak['settings']['network']}, batch {soak['settings']['batch']}, on {soak['machine']['device']}")
@@ -909,6 +946,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json_path).write_text(json.dumps(result, indent=2))
     if args.write_docs:
         command = "python -m monai_adv.benchmark --write-docs" + (" --quick" if args.quick else "")
+        command += f" --device {args.device}" if args.device else ""
+        command += f" --rounds {args.rounds}" if args.rounds else ""
         command += f" --note {json.dumps(args.note)}" if args.note else ""
         Path(args.write_docs).parent.mkdir(parents=True, exist_ok=True)
         Path(args.write_docs).write_text(_markdown(result, command, args.note))

@@ -95,10 +95,23 @@ def test_quick_benchmark_prints_saves_and_documents_every_figure(tmp_path: Path)
     assert result["machine"]["cpu_count"] and result["machine"]["torch"]
 
     docs = docs_path.read_text()
-    assert "python -m monai_adv.benchmark --write-docs --quick" in docs
+    assert "python -m monai_adv.benchmark --write-docs --quick --device cpu --rounds 1" in docs
+    assert "`python -m monai_adv.benchmark --device cuda --write-docs docs/performance_cuda.md`" in docs  # GPU how-to
     assert all(f"| {name}" in docs for name in EXPECTED + CPU_ONLY + CUDA_ONLY)
     assert result["machine"]["platform"] in docs
     assert "Note:" not in docs  # no --note given
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps", "bogus"])
+def test_a_device_the_benchmark_cannot_use_is_a_usage_error(device: str):
+    """``--device cuda`` without a GPU (or a device the figures do not support) fails at once, naming the device."""
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "monai_adv.benchmark", "--quick", "--device", device]
+    done = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"--device {device}:" in done.stderr, done.stderr
+    assert not done.stdout  # no figure was measured
 
 
 def test_soak_samples_memory_through_a_real_augmented_training(tmp_path: Path):

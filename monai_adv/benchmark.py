@@ -470,7 +470,8 @@ def _robustness_budget(
     return [
         Figure(_BUDGET_NAMES["passes"], evaluation_seconds / per_pass, f"{floor:.0f}x", "<=", round(1.1 * floor),
                f"per image = per batch of {batch_size} at {size}; {num_steps} steps; {gradient_passes} gradient passes "
-               f"and {forwards} forwards per batch; floor: those passes at their measured cost; target: within 10%"),
+               f"and {forwards} forwards per batch; floor: those passes, each at the measured cost of a training-loss "
+               "input-gradient pass (or forward): the attack losses may cost a little less; target: within 10%"),
         Figure(_BUDGET_NAMES["minutes"], minutes, "-", "<=", 10.0,
                f"an estimate: 100 x the per-image cost of one batch of {batch_size} at {size} with {num_steps} steps "
                f"on this machine, attacks and scores only (no loading, files or example grid){caveat}", unit=" min"),

@@ -11,16 +11,12 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from monai_adv.attacks import run_attack
 from monai_adv.evaluation.robustness import DEFAULT_EPSILONS
-from monai_adv.transforms import FGSM, InvFGSM
 
 REPO = Path(__file__).resolve().parents[1]
 # measured on any device
@@ -128,131 +124,3 @@ def test_soak_samples_memory_through_a_real_augmented_training(tmp_path: Path):
     assert [s[0] for s in soak["samples"]] == [10, 20, 30]  # stopped after exactly 30 iterations
     assert all(s[1] > 0 for s in soak["samples"])
     assert soak["figure"]["ratio"] > 0 and soak["figure"]["met"] in (True, False)
-
-
-# The single-step path FGSM(...) takes (benchmark figure "FGSM(...) speed vs hand-written autograd FGSM") must give
-# run_attack's images, losses, errors and warnings: here the transform against run_attack on the same inputs.
-_SINGLE_STEP_CASES = [
-    {},
-    {"clamp": "image"},
-    {"clamp": "none", "network_mode": "train"},
-    {"value_range": (0.1, 0.9), "network_mode": "unchanged"},
-    {"amp": True},
-    {"dtype": torch.float64},
-    {"dtype": torch.float64, "value_range": (0.1, 0.9)},
-    {"epsilon": 0.0},
-    {"labels": "long"},
-    {"labels": "bool"},
-    {"labels": "no channel", "loss": "ce"},
-    {"slightly_outside": True},  # within the range check's tolerance: the core clamps before the gradient
-]
-
-
-def _single_step_inputs(case: dict, make_basic_unet, make_square_data):
-    dtype = case.get("dtype", torch.float32)
-    images, labels = make_square_data(batch=3, size=32, dtype=dtype)
-    if "value_range" in case:
-        low, high = case["value_range"]
-        images = low + (high - low) * images
-    if case.get("slightly_outside"):
-        images[0, 0, 0, 0], images[1, 0, 3, 3] = 1.00005, -0.00005
-    labels = {"long": labels.long(), "bool": labels.bool(), "no channel": labels[:, 0].long()}.get(
-        case.get("labels"), labels
-    )
-    loss = nn.CrossEntropyLoss() if case.get("loss") == "ce" else None
-    return make_basic_unet(seed=1).to(dtype), images, labels, loss
-
-
-@pytest.mark.parametrize(
-    "case", _SINGLE_STEP_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default"
-)
-@pytest.mark.parametrize("cls", [FGSM, InvFGSM])
-def test_fgsm_single_step_path_gives_run_attacks_result(
-    cls, case, make_basic_unet, make_square_data, make_dicece, monkeypatch
-):
-    net, images, labels, loss = _single_step_inputs(case, make_basic_unet, make_square_data)
-    loss = loss or make_dicece()
-    options = {k: case[k] for k in ("clamp", "network_mode", "value_range", "amp") if k in case}
-    epsilon = case.get("epsilon", 0.03)
-    transform = cls(net, loss, epsilon=epsilon, batched=True, **options)
-    assert transform._takes_single_step()
-    with monkeypatch.context() as patch:  # valid inputs never reach run_attack on this path
-        patch.setattr("monai_adv.transforms.array.run_attack", lambda *a, **k: pytest.fail("run_attack was called"))
-        out = transform(images, labels)
-    expected = run_attack(net, images, labels, transform.spec, loss, epsilon=epsilon)
-    assert out.dtype == images.dtype and torch.equal(out, expected.images)
-    assert torch.equal(transform.last_stats["loss_before"], expected.loss_before)
-    assert torch.equal(transform.last_stats["epsilon"], expected.epsilon.mean())
-
-
-def _outcome(call):
-    """``("ok", result)`` or ``("error", type, message)``, and the warnings as ``(category, message, file)``."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            outcome = ("ok", call())
-        except Exception as err:  # noqa: BLE001 - the point is to compare whatever is raised
-            outcome = ("error", type(err), str(err))
-    return outcome, [(w.category, str(w.message), Path(w.filename).name) for w in caught]
-
-
-def _broken_inputs(make_basic_unet, make_square_data, make_tiny_net):
-    net = make_basic_unet(seed=1)
-    images, labels = make_square_data(batch=2, size=32)
-    nan_image, nan_label, inf_image = images.clone(), labels.clone(), images.clone()
-    nan_image[0, 0, 1, 1], nan_label[1, 0, 2, 2], inf_image[1, 0, 0, 0] = float("nan"), float("nan"), float("inf")
-    nan_net = make_basic_unet(seed=1)
-    with torch.no_grad():
-        next(nan_net.parameters())[0].fill_(float("nan"))
-    frozen = nn.Sequential(make_tiny_net(out_channels=2)).requires_grad_(False)
-
-    class Detached(nn.Module):  # a loss with no graph back to the images
-        def forward(self, x):
-            return frozen(x).detach()
-
-    one_channel = make_tiny_net(out_channels=1, seed=37)  # cross-entropy over one channel: zero gradient
-    zero_labels = torch.zeros(2, 32, 32, dtype=torch.long)
-    return {
-        "nan image": (net, nan_image, labels, {}),
-        "inf image": (net, inf_image, labels, {}),
-        "nan label": (net, images, nan_label, {}),
-        "labels 0/255": (net, images, labels * 255, {}),
-        "outside value_range": (net, images * 2 + 0.5, labels, {}),
-        "empty batch": (net, images[:0], labels[:0], {}),
-        "label shape": (net, images, labels[:, :, :8], {}),
-        "integer images": (net, (images * 255).to(torch.uint8), labels, {}),
-        "epsilon over the range": (net, images, labels, {"epsilon": 1.5}),
-        "nan weights": (nan_net, images, labels, {}),
-        "no graph": (Detached(), images, labels, {}),
-        "zero gradient": (one_channel, images, zero_labels, {"loss": nn.CrossEntropyLoss()}),
-        "zero gradient, warn": (
-            one_channel,
-            images,
-            zero_labels,
-            {"loss": nn.CrossEntropyLoss(), "on_zero_gradient": "warn"},
-        ),
-    }
-
-
-@pytest.mark.parametrize(
-    "name",
-    ["nan image", "inf image", "nan label", "labels 0/255", "outside value_range", "empty batch", "label shape",
-     "integer images", "epsilon over the range", "nan weights", "no graph", "zero gradient", "zero gradient, warn"],
-)  # fmt: skip
-def test_fgsm_single_step_path_raises_and_warns_as_run_attack(
-    name, make_basic_unet, make_square_data, make_tiny_net, make_dicece
-):
-    network, images, labels, options = _broken_inputs(make_basic_unet, make_square_data, make_tiny_net)[name]
-    epsilon, loss = options.pop("epsilon", 0.03), options.pop("loss", None) or make_dicece()
-    fast = FGSM(network, loss, epsilon=epsilon, batched=True, **options)
-    core = FGSM(network, loss, epsilon=epsilon, batched=True, return_loss_after=True, **options)
-    assert fast._takes_single_step() and not core._takes_single_step()  # return_loss_after: run_attack's path
-    fast_outcome, fast_warnings = _outcome(lambda: fast(images, labels))
-    core_outcome, core_warnings = _outcome(lambda: core(images, labels))
-    assert fast_outcome[0] == core_outcome[0]
-    if fast_outcome[0] == "error":
-        assert fast_outcome[1:] == core_outcome[1:]
-    else:
-        assert torch.equal(fast_outcome[1], core_outcome[1])
-    assert fast_warnings == core_warnings
-    assert bool(fast_warnings) == (name in ("epsilon over the range", "zero gradient, warn"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -17,7 +16,6 @@ from monai.utils.type_conversion import convert_to_dst_type, convert_to_tensor
 from torch import nn
 
 from monai_adv.attacks import (
-    AttackResult,
     AttackSpec,
     ClampMode,
     Direction,
@@ -26,24 +24,8 @@ from monai_adv.attacks import (
     ZeroGradientAction,
     ZeroInputGradientError,
     clamp_bounds,
-    preserved_network_state,
-    project_and_clamp,
     run_attack,
     signed_gradient_step,
-    unwrap_network,
-)
-from monai_adv.attacks.attack import _ZERO_GRADIENT_MESSAGE as _ATTACK_ZERO_GRADIENT_MESSAGE
-from monai_adv.attacks.gradient_sign import (
-    _as_network_input,
-    _bounds,
-    _compute_loss,
-    _label_summary,
-    _LabelStats,
-    _per_sample,
-    _prediction,
-    _validate_types_and_shapes,
-    _value_range,
-    objective_gradient,
 )
 
 __all__ = ["FGSM", "GradientSign", "InvFGSM", "check_input_gradient"]
@@ -133,120 +115,6 @@ def _network_device(network: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _single_step_gradient(
-    network: nn.Module, x: torch.Tensor, labels: torch.Tensor, loss_function: LossFunction, stats: _LabelStats | None
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The input gradient, the loss and whether the gradient is zero everywhere, as
-    :func:`~monai_adv.attacks.gradient_sign.objective_gradient` (``amp=False``) gives them, with its checks in one
-    read of ``(loss, min, max)``: ``aminmax`` propagates NaN and shows an Inf, so the gradient is finite exactly when
-    its min and max are, and (then) zero everywhere exactly when both are 0. Where a check fails, the core's pass
-    runs again and raises its own error."""
-
-    def objective(pred: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _compute_loss(loss_function, pred, labels, stats), None
-
-    with torch.inference_mode(False), torch.enable_grad():
-        xg = x.detach().clone().requires_grad_(True)
-        with torch.autocast(device_type=xg.device.type, enabled=False):  # as the core: no outer autocast
-            pred = _prediction(network(_as_network_input(network, xg)))
-        loss, _ = objective(pred)
-        if loss.requires_grad:
-            (grad,) = torch.autograd.grad(loss, xg)
-            low, high = torch.aminmax(grad)
-            # in a dtype that holds both exactly (float32 could flush a tiny float64 gradient to zero)
-            dtype = torch.promote_types(loss.dtype, grad.dtype)
-            value, low_value, high_value = torch.stack(
-                [loss.detach().to(dtype), low.to(dtype), high.to(dtype)]
-            ).tolist()
-            if math.isfinite(value) and math.isfinite(low_value) and math.isfinite(high_value):
-                return grad.detach(), loss.detach(), low_value == 0 and high_value == 0
-    # a loss with no graph, or a NaN/Inf loss or gradient: the core's pass raises the error it names
-    result = objective_gradient(network, x, objective, False)
-    return result.gradient, result.loss, result.zero
-
-
-def _single_step_attack(
-    network: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    spec: AttackSpec,
-    loss_function: LossFunction,
-    epsilon: float,
-) -> AttackResult | None:
-    """:func:`~monai_adv.attacks.run_attack` for one signed step from the clean images with the default step and
-    projection (FGSM, Inverse FGSM): the same checks, errors, warnings and result, with fewer passes over the batch.
-
-    What it leaves out of the hot path, and why that is equivalent:
-
-    - NaN/Inf in images and labels: read from their ``aminmax`` (which propagates NaN) in the one read of the
-      range check, instead of separate ``isfinite(...).all()`` passes; the epsilon, a Python number here, is checked
-      on the host.
-    - the projection of the clean images onto their own ball before the step: a no-op when they lie within the
-      bounds (known from that read), so it runs only where the range check's tolerance let values outside them.
-    - the copy of the result that ``run_attack`` keeps as the "best" point (a single step has only one), and the
-      temporaries of the projection after the step (done in place on the fresh result; ``clamp`` equals
-      ``maximum(minimum(x, high), low)`` for ``low <= high``).
-    - the gradient checks: see :func:`_single_step_gradient`.
-
-    Returns:
-        The result, or None where a check of the inputs fails: ``run_attack`` then runs and raises its own error.
-    """
-    eps = torch.full((images.shape[0],), float(epsilon), dtype=torch.float64, device=images.device)
-    _validate_types_and_shapes(images, labels, eps, spec.num_steps, spec.step_size)
-    if not (math.isfinite(epsilon) and epsilon >= 0):
-        return None
-    images, labels = images.detach(), labels.detach()
-    check_labels = labels.dtype != torch.bool and labels.numel() > 0
-    parts = [p.to(torch.float32) for p in torch.aminmax(images)]  # float32, as run_attack's statistics
-    values = torch.stack(parts)
-    if check_labels:
-        values = torch.cat([values, _label_summary(labels).to(images.device)])
-    flags = values.tolist()  # the one synchronisation before the gradient pass
-    if not all(math.isfinite(v) for v in flags[: 4 if check_labels else 2]):
-        return None  # NaN/Inf images or labels (or float64 values beyond float32): run_attack names them
-    image_low, image_high = flags[0], flags[1]
-    label_stats = _LabelStats(flags[2], flags[3], bool(flags[4])) if check_labels else None
-    bounds = _bounds(images, spec.clamp, spec.value_range, lambda: (image_low, image_high))
-    if spec.clamp == "range":
-        low_value, high_value = _value_range(spec.value_range)
-        epsilon_max = float(np.float32(epsilon))  # run_attack reads it as float32
-        if epsilon_max >= high_value - low_value:
-            warnings.warn(
-                f"epsilon {epsilon_max:g} is at least the whole value range ({low_value:g}, {high_value:g}): "
-                "every pixel the gradient touches is pushed to a bound, which destroys the image. Give epsilon on "
-                "the images' scale (e.g. 8/255 = 0.031 for images in [0, 1]).",
-                stacklevel=3,  # the caller of the transform, as run_attack's
-            )
-    eps = eps.to(images.dtype)
-    module = unwrap_network(network)
-    with preserved_network_state(module, spec.network_mode):
-        x = images
-        within = spec.clamp != "range" or (
-            images.dtype == torch.float32  # the statistics are exact in float32 only
-            and image_low >= float(np.float32(spec.value_range[0]))
-            and image_high <= float(np.float32(spec.value_range[1]))
-        )
-        if not within:
-            x = project_and_clamp(images, images, eps, bounds)
-        if spec.amp:
-            result = objective_gradient(
-                module, x, lambda pred: (_compute_loss(loss_function, pred, labels, label_stats), None), True
-            )
-            gradient, loss, zero = result.gradient, result.loss, result.zero
-        else:
-            gradient, loss, zero = _single_step_gradient(module, x, labels, loss_function, label_stats)
-        if zero and spec.on_zero_gradient != "ignore":
-            if spec.on_zero_gradient == "raise":
-                raise ZeroInputGradientError(_ATTACK_ZERO_GRADIENT_MESSAGE)
-            warnings.warn(_ATTACK_ZERO_GRADIENT_MESSAGE, stacklevel=2)  # the transform's call, as run_attack's
-        out = signed_gradient_step(x, gradient, eps, spec.direction)  # a fresh tensor: the projection is in place
-        radius = _per_sample(eps, out.ndim)
-        out.sub_(images).clamp_(-radius, radius).add_(images)
-        if bounds is not None:
-            out.clamp_(bounds[0], bounds[1])
-    return AttackResult(images=out.detach(), epsilon=eps, loss_before=loss)
-
-
 class GradientSign(Randomizable, Transform):
     """Perturb an image along the sign of the loss gradient of a network.
 
@@ -309,7 +177,6 @@ class GradientSign(Randomizable, Transform):
         self._epsilon = self.epsilon[0]
         self._seed = 0
         self.last_stats: dict[str, torch.Tensor | None] = {}
-        self._single_step_for: tuple[AttackSpec, bool] | None = None  # (spec, whether it takes the single step)
 
     @property
     def epsilon(self) -> tuple[float, float]:
@@ -414,22 +281,16 @@ class GradientSign(Randomizable, Transform):
         if self.random_start or self.spec.restarts > 1:
             generator = torch.Generator(device=device).manual_seed(self._seed)
         try:
-            result = None
-            if self._takes_single_step() and self.loss_function is not None:
-                result = _single_step_attack(
-                    self.network, images, labels, self.spec, self.loss_function, float(self._epsilon)
-                )
-            if result is None:  # every other attack, and inputs that fail a check (run_attack raises the error)
-                result = run_attack(
-                    self.network,
-                    images,
-                    labels,
-                    self.spec,
-                    self.loss_function,
-                    epsilon=self._epsilon,
-                    generator=generator,
-                    return_loss_after=self.return_loss_after,
-                )
+            result = run_attack(
+                self.network,
+                images,
+                labels,
+                self.spec,
+                self.loss_function,
+                epsilon=self._epsilon,
+                generator=generator,
+                return_loss_after=self.return_loss_after,
+            )
         except (ValueError, RuntimeError) as err:
             if not self.batched and img.ndim >= 4:
                 err.add_note(
@@ -445,16 +306,6 @@ class GradientSign(Randomizable, Transform):
         }
         out = result.images if self.batched else result.images[0]
         return self._as_input_type(out, img)
-
-    def _takes_single_step(self) -> bool:
-        """Whether a call takes :func:`_single_step_attack`: one signed step of the given loss with the default
-        step and projection, and no loss after. Worked out once per spec (the options are fixed in it)."""
-        spec = self.spec
-        cached = getattr(self, "_single_step_for", None)  # None also on a transform unpickled from before
-        if cached is None or cached[0] is not spec:
-            plain = spec.single_step and spec.project and spec.step_size is None and spec.relative_step is None
-            self._single_step_for = (spec, plain)
-        return self._single_step_for[1] and not self.return_loss_after
 
     @property
     def single_step(self) -> bool:

@@ -412,6 +412,17 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
                  _fmt([s / 60 for s in cost["seconds"]], digits=1),
                  ", ".join(entry["checks_failed"]) or "none"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    missing = [a.name for a in spec.arms if a.name not in summary["arms"]]
+    seeds_run = sorted({s for e in summary["arms"].values() for s in e["seeds"]})
+    short = [n for n, e in summary["arms"].items() if len(e["seeds"]) < len(seeds_run)]
+    if missing or short:
+        parts = []
+        if missing:
+            parts.append("arms without results yet: " + ", ".join(f"`{m}`" for m in missing))
+        if short:
+            parts.append("arms with fewer seeds than others: " + ", ".join(f"`{m}`" for m in short))
+        lines += ["", (f"**The study is not complete**: {'; '.join(parts)}. The default below is the rule applied to "
+                  "the results there are.")]  # fmt: skip
     lines += [
         "",
         (

@@ -191,6 +191,7 @@ def test_evaluate_overlay_writes_metrics_of_the_best_model(bundle, trained_bundl
     assert sorted(p.name for p in (root / "models").iterdir()) == [
         "checkpoint_epoch=2.pt",
         "model.pt",
+        "training_history.json",
         "training_run.json",
     ]
 

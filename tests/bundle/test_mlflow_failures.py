@@ -89,7 +89,8 @@ def test_a_server_that_dies_mid_run_leaves_training_and_checkpoints_going(bundle
     assert returncode == 0, output[-6000:]
     assert time.monotonic() - stopped < 180, "training stalled on the dead server"
     models = sorted(p.name for p in (root / "models").iterdir())
-    assert models == ["checkpoint_epoch=3.pt", "model.pt", "training_run.json"], models  # lock released too
+    expected = ["checkpoint_epoch=3.pt", "model.pt", "training_history.json", "training_run.json"]
+    assert models == expected, models  # lock released too
     assert f"MLflow logging to {mlflow_server.url} failed" in output
     assert "nothing more is sent to it in this training" in output
     # one summary per handler: the trainer's when its run ends, the validator's at exit

@@ -36,6 +36,7 @@ def test_two_process_ddp_training_with_fgsm(tmp_path: Path) -> None:
     assert output.count("Epoch[2] Metrics -- adv_epsilon") == 1, output[-4000:]
     assert "adv_samples: 4.0000" in output
     models = sorted(p.name for p in (tmp_path / "models").iterdir())
-    assert models == ["checkpoint_epoch=2.pt", "model.pt", "training_run.json"], models  # and no lock left behind
+    expected = ["checkpoint_epoch=2.pt", "model.pt", "training_history.json", "training_run.json"]
+    assert models == expected, models  # and no lock left behind
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(key.startswith("module.") for key in state), "saved weights should be unwrapped from DDP"

@@ -119,7 +119,7 @@ def test_kill_during_checkpoint_write_concurrent_start_and_fresh_run_after_the_c
     assert runs[fresh_id].info.status == "FINISHED" and runs[crashed_id].info.status == "RUNNING"
     assert [m.step for m in client.get_metric_history(runs[fresh_id].info.run_id, "val_mean_iou")] == [1]
     assert sorted(p.name for p in (models / "previous_runs" / crashed_id).iterdir()) == [
-        "checkpoint_epoch=1.pt", "model.pt", "training_run.json"]  # fmt: skip
+        "checkpoint_epoch=1.pt", "model.pt", "training_history.json", "training_run.json"]  # fmt: skip
 
 
 @pytest.mark.slow

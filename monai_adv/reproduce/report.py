@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from monai_adv.reproduce.pipeline import ARM_LABELS, ARMS, mean_std, paper_epochs
+from monai_adv.study.report import plot_validation_curves
 
 __all__ = ["fmt", "judge", "robustness_value", "test_score", "write_report"]
 
@@ -69,22 +70,8 @@ def judge(differences: Sequence[float], claimed: str) -> str:
 
 
 def _plot_val_curves(results: dict, path: Path) -> None:
-    from monai_adv.evaluation.figures import agg_pyplot
-
-    plt = agg_pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for arm in ARMS:
-        seeds = results["arms"][arm]
-        epochs = sorted({int(e) for s in seeds.values() for e in s["val_iou"]})
-        means = [np.mean([s["val_iou"][str(e)] for s in seeds.values() if str(e) in s["val_iou"]]) for e in epochs]
-        ax.plot(epochs, means, marker=".", label=ARM_LABELS[arm])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation IoU (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    arms = [(ARM_LABELS[arm], results["arms"][arm]) for arm in ARMS]
+    plot_validation_curves(arms, path, figsize=(5.5, 3.5), legend_size=7)
 
 
 def _plot_robustness(results: dict, epsilons: list[float], path: Path) -> None:

@@ -319,22 +319,26 @@ def _plot_pareto(summary: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def _plot_curves(results: Mapping[str, Any], spec: StudySpec, path: Path) -> Path:
+def plot_validation_curves(
+    arms: Sequence[tuple[str, Mapping[str, Any]]],
+    path: Path,
+    figsize: tuple[float, float] = (6.5, 4),
+    legend_size: float = 6,
+) -> Path:
+    """Validation IoU per epoch, mean over seeds, one line per arm (``(label, {seed: collected})``); the study's
+    and the reproduction's page draw it."""
     from monai_adv.evaluation.figures import agg_pyplot
 
     plt = agg_pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for arm in spec.arms:
-        runs = results["arms"].get(arm.name)
-        if not runs:
-            continue
+    fig, ax = plt.subplots(figsize=figsize)
+    for label, runs in arms:
         epochs = sorted({int(e) for r in runs.values() for e in r["val_iou"]})
         means = [np.mean([r["val_iou"][str(e)] for r in runs.values() if str(e) in r["val_iou"]]) for e in epochs]
-        ax.plot(epochs, means, marker=".", label=arm.label)
+        ax.plot(epochs, means, marker=".", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation IoU (mean over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -479,7 +483,8 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
     if epsilons and summary["arms"]:
         pareto = _plot_pareto(summary, figures / "pareto.png")
         lines += [f"![clean against robust IoU]({spec.name}/{pareto.name})", ""]
-    curves = _plot_curves(results, spec, figures / "validation_iou.png")
+    arms_run = [(a.label, results["arms"][a.name]) for a in spec.arms if results["arms"].get(a.name)]
+    curves = plot_validation_curves(arms_run, figures / "validation_iou.png")
     lines += [f"![validation IoU per epoch]({spec.name}/{curves.name})", ""]
     lines += ["## Arms as configured", ""]
     for arm in spec.arms:

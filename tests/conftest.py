@@ -7,6 +7,7 @@ Test modules reach them through fixtures (``make_tiny_net``, ``make_dicece``, ``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -15,6 +16,14 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 from monai.networks.nets import BasicUNet
 from torch import nn
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (addopts runs one worker per core) every worker computes on one thread: two
+    workers with two threads each on a 2-core machine would only fight over the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def tiny_net(

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from monai_adv.engines.recipes import recipe_preset
 from monai_adv.errors import SettingsError
 from monai_adv.study.profiles import PROFILES, Profile
 from monai_adv.study.spec import Arm, StudySpec
@@ -61,9 +62,19 @@ _PLACES = ("datalist_file", "init_ckpt", "augment_dir", "output_dir")
 
 
 def _fingerprint(steps: Sequence[tuple]) -> list[dict[str, Any]]:
-    """What an arm's steps do, without the paths of this machine's work folder (results move between machines)."""
-    return [{"step": step[0], **{k: v for k, v in _json_ready(step[-1]).items() if k not in _PLACES}}
-            for step in steps]  # fmt: skip
+    """What an arm's steps do, without the paths of this machine's work folder (results move between machines).
+
+    A named recipe is recorded with the settings it stands for: a preset changed in
+    :data:`monai_adv.engines.RECIPES` changes the fingerprint, so the arms that use it run again.
+    """
+    prints = []
+    for step in steps:
+        settings = {k: v for k, v in _json_ready(step[-1]).items() if k not in _PLACES}
+        if "adv#recipe" in settings:
+            preset = recipe_preset(settings["adv#recipe"])
+            settings["adv#preset"] = _json_ready({k: v for k, v in preset.items() if k != "recipe"})
+        prints.append({"step": step[0], **settings})
+    return prints
 
 
 class StudyRunner:

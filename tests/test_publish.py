@@ -1,4 +1,5 @@
-"""``python -m monai_adv.reproduce.publish``: the bundle's eval_metrics and Performance section come from a summary."""
+"""``python -m monai_adv.study.publish``: the bundle's default recipe, eval_metrics and Performance section come from a
+study's summary.json (the smoke study in tests/test_study.py publishes a real one end to end)."""
 
 from __future__ import annotations
 
@@ -10,95 +11,141 @@ from pathlib import Path
 
 import pytest
 
-from monai_adv.reproduce.pipeline import ARMS
-from monai_adv.reproduce.publish import BEGIN, END, publish
+from monai_adv.errors import SettingsError
+from monai_adv.study.publish import BEGIN, END, publish
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = REPO_ROOT / "bundles" / "adversarial_unet_segmentation"
+EPS = [2 / 255, 4 / 255]
 
 
-def summary(offset: float) -> dict:
-    """A summary shaped as ``monai_adv.reproduce`` writes it, with distinct numbers per arm."""
+def arm_entry(label: str, overrides: dict, clean: float, robust: float, control: str | None, candidate: bool) -> dict:
+    """An arm of a summary as :func:`monai_adv.study.report.summarize` writes it (two seeds)."""
+    entry = {"label": label, "seeds": [0, 1], "overrides": overrides, "control": control, "candidate": candidate,
+             "clean_iou": [clean, clean + 0.02], "clean_dice": [clean + 0.1, clean + 0.12],
+             "robust_iou": {f"{e:g}": [robust, robust + 0.02] for e in EPS}, "step_ratio": [2.0, 2.1],
+             "code": ["abc123"], "checks_failed": []}  # fmt: skip
+    if control:
+        interval = {"mean": -0.02, "low": -0.04, "high": 0.0, "seeds": 2, "images": 100}
+        entry["vs_control"] = {"clean_iou": interval, **{f"robust_iou@{e:g}": interval for e in EPS}}
+    return entry
 
-    def stats(value):
-        return {"mean": round(value, 4), "std": 0.01}
 
-    arms = {}
-    for index, arm in enumerate(ARMS):
-        base = offset + index / 100
-        arms[arm] = {
-            "test_mean_iou": stats(base),
-            "test_mean_dice": stats(base + 0.1),
-            "best_val_mean_iou": stats(base),
-            # as the reproduction measures them: single-step attacks at the paper's epsilons, the iterative ones
-            # (and their per-image worst case) at the robust budget
-            "robustness_mean_iou": {
-                **{
-                    a: {e: stats(base - 0.2) for e in ("0", "0.0012", "0.0118", "0.1176", "0.2")}
-                    for a in ("fgsm", "invfgsm")
-                },
-                **{
-                    a: {e: stats(base - 0.3) for e in ("0", f"{2 / 255:g}", f"{4 / 255:g}")}
-                    for a in ("pgd", "ensemble")
-                },
-            },
-        }
-    return {"profile": "cpu", "seeds": [0, 1, 2], "command": "python -m monai_adv.reproduce --profile cpu",
-            "version": "abc123", "split": "test", "arms": arms}  # fmt: skip
+def summary(default_arm: str = "nfgsm", complete: bool = True) -> dict:
+    arms = {
+        "unet": arm_entry("UNet", {"adv#method": "none"}, 0.60, 0.04, None, False),
+        "nfgsm": arm_entry("N-FGSM", {"adv#recipe": "nfgsm"}, 0.55, 0.30, "unet", True),
+        "std_nfgsm": arm_entry("std + N-FGSM", {"adv#recipe": "nfgsm", "augment": "standard"}, 0.57, 0.31, "unet",
+                               True),
+        "tuned": arm_entry("tuned", {"adv#recipe": "nfgsm", "adv#epsilon": 0.01}, 0.58, 0.2, "unet", True),
+    }  # fmt: skip
+    return {
+        "study": {
+            "name": "recipes",
+            "title": "Recipes",
+            "page": "recipes.md",
+            "profile": "cpu",
+            "dataset": "kvasir_seg",
+            "command": "python -m monai_adv.study kvasir_recipes",
+            "version": "abc123",
+            "complete": complete,
+        },
+        "summary": {"arms": arms, "epsilons": EPS, "plain_arm": "unet"},
+        "default": {
+            "arm": default_arm,
+            "reason": "the best trade-off",
+            "meets_target": False,
+            "within_tolerance": False,
+        },
+    }
 
 
 @pytest.fixture
 def bundle_copy(tmp_path: Path) -> Path:
     target = tmp_path / "bundle"
-    (target / "configs").mkdir(parents=True)
-    (target / "docs").mkdir()
-    shutil.copy(BUNDLE / "configs" / "metadata.json", target / "configs")
+    (target / "docs").mkdir(parents=True)
+    shutil.copytree(BUNDLE / "configs", target / "configs")
     shutil.copy(BUNDLE / "docs" / "README.md", target / "docs")
     return target
 
 
-def test_publish_writes_the_numbers_and_replaces_its_section(bundle_copy: Path, tmp_path: Path):
+def write(tmp_path: Path, content: dict) -> Path:
     path = tmp_path / "summary.json"
-    for offset in (0.5, 0.6):  # the second run replaces the first run's section and metrics
-        path.write_text(json.dumps(summary(offset)))
-        publish(path, bundle_copy)
+    path.write_text(json.dumps(content))
+    return path
+
+
+def test_publish_sets_the_default_and_writes_the_numbers(bundle_copy: Path, tmp_path: Path):
+    train_path = bundle_copy / "configs" / "train.json"
+    before = json.loads(train_path.read_text())
+    assert publish(write(tmp_path, summary("std_nfgsm")), bundle_copy) == {"adv#recipe": "nfgsm",
+                                                                           "augment": "standard"}  # fmt: skip
+    train = json.loads(train_path.read_text())
+    assert (train["adv"]["recipe"], train["augment"]) == ("nfgsm", "standard")
+    # nothing else in train.json changed
+    assert {k: v for k, v in train.items() if k not in ("adv", "augment")} == {
+        k: v for k, v in before.items() if k not in ("adv", "augment")
+    }
+    assert {k: v for k, v in train["adv"].items() if k != "recipe"} == {
+        k: v for k, v in before["adv"].items() if k != "recipe"
+    }
     metrics = json.loads((bundle_copy / "configs" / "metadata.json").read_text())["eval_metrics"]
-    assert metrics["kvasir_seg_test_mean_iou_unet"] == 0.6
-    assert metrics["kvasir_seg_test_mean_dice_invfgsm_offline"] == round(0.6 + 4 / 100 + 0.1, 4)
-    assert "abc123" in metrics["source"]
+    assert metrics["default_recipe"] == "nfgsm" and metrics["default_arm"] == "std_nfgsm"
+    assert metrics["kvasir_seg_test_mean_iou_std_nfgsm"] == pytest.approx(0.58)  # mean of the two seeds
+    assert metrics["kvasir_seg_test_ensemble_iou_2_255_unet"] == pytest.approx(0.05)
+    assert "kvasir_seg_test_mean_iou_nfgsm" not in metrics  # only the default, its control and the plain arm
     readme = (bundle_copy / "docs" / "README.md").read_text()
-    assert readme.count(BEGIN) == 1 and readme.count(END) == 1 and readme.count("## Performance") == 1
-    assert "| UNet | 0.600 ± 0.010 | 0.700 ± 0.010 |" in readme
-    assert "0.500 ± 0.010" not in readme
-    header = next(line for line in readme.splitlines() if line.startswith("| arm |"))
-    assert "| PGD IoU, eps 2/255 | PGD IoU, eps 4/255 | ensemble IoU, eps 2/255 | ensemble IoU, eps 4/255 |" in header
-    assert "PGD IoU, eps 0.0118" not in header and "–" not in readme.split(BEGIN)[1].split(END)[0]
-    assert metrics["kvasir_seg_test_ensemble_iou_2_255_unet"] == 0.3
+    section = readme.split(BEGIN)[1].split(END)[0]
+    assert "| std + N-FGSM (`std_nfgsm`) | 2 | 0.580 ± 0.014 | 0.680 ± 0.014 | 0.320 ± 0.014 |" in section
+    assert "-2.0 [-4.0, +0.0]" in section and "2.05x" in section
+    assert "**Default recipe: `nfgsm`** (arm `std_nfgsm`" in section and "not complete" not in section
+
+    # publishing another choice replaces the section and resets what the new default leaves alone
+    publish(write(tmp_path, summary("nfgsm")), bundle_copy)
+    train = json.loads(train_path.read_text())
+    assert (train["adv"]["recipe"], train["augment"]) == ("nfgsm", "none")
+    readme = (bundle_copy / "docs" / "README.md").read_text()
+    assert readme.count(BEGIN) == 1 and readme.count("## Performance") == 1
     assert readme.index(END) < readme.index("## Commands")
+    # the bundle still parses with the new default
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(train_path))
+    assert parser.get_parsed_content("adv#preset")["recipe"] == "nfgsm"
 
 
-def test_publish_refuses_a_broken_marker(bundle_copy: Path, tmp_path: Path):
+def test_publish_refuses_and_changes_nothing(bundle_copy: Path, tmp_path: Path):
+    files = {p: p.read_bytes() for p in bundle_copy.rglob("*") if p.is_file()}
+    with pytest.raises(SettingsError, match="not complete.*--allow_incomplete"):
+        publish(write(tmp_path, summary(complete=False)), bundle_copy)
+    with pytest.raises(SettingsError, match=r"'tuned' sets \['adv#epsilon'\].*RECIPES"):
+        publish(write(tmp_path, summary("tuned")), bundle_copy)
     readme = bundle_copy / "docs" / "README.md"
-    text = readme.read_text().replace(END, "")  # a begin marker (added if absent) with no end marker
-    readme.write_text(text if BEGIN in text else text + "\n" + BEGIN + "\n")
-    path = tmp_path / "summary.json"
-    path.write_text(json.dumps(summary(0.5)))
+    text = readme.read_text()
+    broken = text.replace(END, "") if BEGIN in text else text + "\n" + BEGIN + "\n"
+    readme.write_text(broken)
+    files[readme] = broken.encode()
     with pytest.raises(ValueError, match="no <!-- results:end -->"):
-        publish(path, bundle_copy)
+        publish(write(tmp_path, summary()), bundle_copy)
+    assert {p: p.read_bytes() for p in bundle_copy.rglob("*") if p.is_file()} == files
+    # an incomplete study may be published on request, and says so
+    readme.write_text(text)
+    publish(write(tmp_path, summary(complete=False)), bundle_copy, allow_incomplete=True)
+    assert "**The study is not complete**" in readme.read_text()
 
 
-def test_publish_command_line(bundle_copy: Path, tmp_path: Path):
-    path = tmp_path / "summary.json"
-    path.write_text(json.dumps(summary(0.5)))
-    command = [
-        sys.executable,
-        "-m",
-        "monai_adv.reproduce.publish",
-        "--summary",
-        str(path),
-        "--bundle",
-        str(bundle_copy),
-    ]
+def test_publish_command_line_names_the_problem(bundle_copy: Path, tmp_path: Path):
+    command = [sys.executable, "-m", "monai_adv.study.publish", "--summary", str(write(tmp_path, summary("tuned"))),
+               "--bundle", str(bundle_copy)]  # fmt: skip
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-    assert "## Performance" in (bundle_copy / "docs" / "README.md").read_text()
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("python -m monai_adv.study.publish: the chosen arm 'tuned'")
+
+
+def test_the_bundle_default_is_documented_where_users_read_it():
+    """README and the bundle README name the default recipe that configs/train.json holds."""
+    recipe = json.loads((BUNDLE / "configs" / "train.json").read_text())["adv"]["recipe"]
+    assert f"`--adv#recipe {recipe}` (default)" in (REPO_ROOT / "README.md").read_text()
+    readme = (BUNDLE / "docs" / "README.md").read_text()
+    assert f"**Default recipe: `{recipe}`**" in readme or recipe == "paper"

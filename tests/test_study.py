@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,12 +33,11 @@ def smoke_study() -> dict:
         "robustness": {"epsilons": [0.0, EPS], "iterative_epsilons": [EPS], "num_steps": 3},
         "arms": [
             {"name": "unet", "overrides": {"adv#method": "none"}},
-            {"name": "fgsm", "overrides": {"adv#method": "fgsm", "adv#epsilon": EPS}, "control": "unet",
-             "candidate": True},
+            {"name": "fgsm", "overrides": {"adv#recipe": "paper"}, "control": "unet", "candidate": True},
             {"name": "offline", "offline": {"from": "unet", "method": "fgsm", "epsilon": EPS},
              "overrides": {"adv#method": "none"}, "control": "unet"},
             {"name": "finetune", "init_from": "unet", "overrides": {"adv#recipe": "finetune", "max_epochs": 1},
-             "control": "unet", "candidate": True},
+             "control": "unet"},
         ],
     }  # fmt: skip
 
@@ -102,6 +102,21 @@ def test_smoke_study_runs_each_arm_once_and_reports_what_its_files_say(dataset, 
     assert summary["arms"]["fgsm"]["vs_control"][f"robust_iou@{EPS:g}"]["mean"] == pytest.approx(expected)
     assert (output / "smoke" / "pareto.png").stat().st_size > 0 and "smoke/pareto.png" in page
     assert "## The default" in page and "`fgsm`" in page
+    assert "- code the arms ran with: " in page and "(unet, fgsm, offline, finetune)" in page
+
+    # the study's choice becomes the default of (a copy of) the bundle
+    bundle_copy = tmp_path / "bundle"
+    shutil.copytree(REPO_ROOT / "bundles" / "adversarial_unet_segmentation", bundle_copy,
+                    ignore=shutil.ignore_patterns("models", "eval", "data", "logs"))  # fmt: skip
+    publish = [sys.executable, "-m", "monai_adv.study.publish", "--summary", str(output / "smoke" / "summary.json"),
+               "--bundle", str(bundle_copy)]  # fmt: skip
+    done = subprocess.run(publish, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((bundle_copy / "configs" / "train.json").read_text())["adv"]["recipe"] == "paper"
+    metrics = json.loads((bundle_copy / "configs" / "metadata.json").read_text())["eval_metrics"]
+    dataset_name = json.loads((output / "smoke" / "summary.json").read_text())["study"]["dataset"]
+    assert metrics[f"{dataset_name}_test_mean_iou_fgsm"] == pytest.approx(summary["arms"]["fgsm"]["clean_iou"][0])
+    assert f"{summary['arms']['fgsm']['clean_iou'][0]:.3f}" in (bundle_copy / "docs" / "README.md").read_text()
 
     # again: every step had completed with the same settings, so nothing trains again, and the page is the same
     trained = {p: p.stat().st_mtime_ns for p in runs.rglob("model.pt")}
@@ -125,6 +140,12 @@ def test_smoke_study_runs_each_arm_once_and_reports_what_its_files_say(dataset, 
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("model.pt") if "fgsm" not in p.parts} == {
         p: t for p, t in trained.items() if "fgsm" not in p.parts
     }
+    # the page of the study as it was leaves out the run with the changed settings, and says so
+    study.write_text(json.dumps(smoke_study()))
+    _run(study, dataset, output, "--report_only")
+    page = (output / "smoke.md").read_text()
+    assert "- left out, run with other settings than the study's (they run again): fgsm (seed 0)" in page
+    assert "fgsm" not in json.loads((output / "smoke" / "summary.json").read_text())["summary"]["arms"]
 
 
 def test_study_file_errors_name_the_file_and_key(tmp_path):

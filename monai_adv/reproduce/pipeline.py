@@ -98,14 +98,10 @@ class Reproduction(StudyRunner):
     ) -> None:
         if profile.name not in PROFILES or PROFILES[profile.name] != profile:
             raise ValueError(f"profile {profile.name!r} is not one of the reproduction's profiles {sorted(PROFILES)}.")
-        self.max_epochs = int(max_epochs or profile.max_epochs)
-        super().__init__(paper_study(profile, self.max_epochs), dataset_dir, seeds, work_dir, bundle_dir=bundle_dir)
-        self.max_epochs = int(max_epochs or profile.max_epochs)
-
-    def training_settings(self, arm, seed, datalist):
-        settings = super().training_settings(arm, seed, datalist)
-        settings["max_epochs"] = self.max_epochs
-        return settings
+        epochs = int(max_epochs or profile.max_epochs)
+        # every arm trains for the same length: the study runner's max_epochs applies it to each
+        super().__init__(paper_study(profile, epochs), dataset_dir, seeds, work_dir, bundle_dir=bundle_dir,
+                         max_epochs=epochs)  # fmt: skip
 
     def run(self) -> dict[str, Any]:
         """Train every arm for every seed, write the offline copies, evaluate robustness on the test split, and

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> Path:
     results_file = output / spec.name / "raw_results.json"
     runner = StudyRunner(spec, dataset_dir, args.seeds, work_dir, bundle_dir=args.bundle_dir, arms=args.arms,
                          tracking=not args.no_tracking, max_epochs=args.max_epochs,
-                         results_file=results_file)  # fmt: skip
+                         results_file=results_file, code_version=code_version())  # fmt: skip
     if args.report_only:
         if not results_file.is_file():
             raise SystemExit(f"--report_only: no results yet in {results_file}; run the study first.")
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> Path:
         runner.counts = dict(results.get("counts", {}))
     else:
         results = runner.run()
+    results, stale = runner.current_results(results)
+    if stale:
+        logging.getLogger(__name__).warning("left out of the page (settings differ from the study's): %s", stale)
     command = shlex.join(["python", "-m", "monai_adv.study", *(sys.argv[1:] if argv is None else argv)])
     context = {
         "command": command,
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> Path:
         "source": dataset_citation(Path(dataset_dir)),
         "commands": runner.commands,
         "resumed": runner.resumed,
+        "stale": stale,
     }
     page = write_study_report(results, spec, output, context)
     print(f"wrote {page}")

@@ -137,6 +137,15 @@ def plateau_epoch(curve: Mapping[str, float], tolerance: float = CLEAN_TOLERANCE
     return epochs[-1]
 
 
+def _code_versions(summary: Mapping[str, Any]) -> str:
+    """``version (arm, arm...); version (...)``: which code each arm's runs came from."""
+    arms_by_code: dict[str, list[str]] = {}
+    for name, entry in summary["arms"].items():
+        for version in entry.get("code", []):
+            arms_by_code.setdefault(version, []).append(name)
+    return "; ".join(f"{v} ({', '.join(a)})" for v, a in arms_by_code.items()) or "none yet"
+
+
 def summarize(results: Mapping[str, Any], spec: StudySpec) -> dict[str, Any]:
     """Per arm: scores over seeds, cost, and the paired differences against its control.
 
@@ -157,8 +166,10 @@ def summarize(results: Mapping[str, Any], spec: StudySpec) -> dict[str, Any]:
             "clean_iou": [clean_score(runs[s]) for s in seeds],
             "clean_dice": [clean_score(runs[s], "mean_dice") for s in seeds],
             "robust_iou": {f"{e:g}": [robust_score(runs[s], e) for s in seeds] for e in epsilons},
+            "overrides": dict(arm.overrides),
             "control": arm.control,
             "candidate": arm.candidate,
+            "code": sorted({str(runs[s].get("code") or "unknown") for s in seeds}),
             "checks_failed": sorted(
                 {k for s in seeds for k, c in runs[s].get("checks", {}).items() if c.get("passed") is False}
             ),
@@ -353,7 +364,7 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
         spec: the study.
         output: the folder of the page.
         context: ``command``, ``version``, ``machine``, ``wall_time_s``, ``commands``, ``resumed``, ``dataset_dir``,
-            ``source`` (the data's citation), ``counts``, ``timings``.
+            ``source`` (the data's citation), ``counts``, ``timings``, ``stale`` (results left out).
 
     Returns:
         the page's path.
@@ -374,7 +385,8 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
         "",
         f"- command: `{context.get('command', '')}`",
         f"- study file: `{context.get('study_file', spec.source)}`",
-        f"- code: {context.get('version', 'unknown')}",
+        f"- code of this call: {context.get('version', 'unknown')}",
+        f"- code the arms ran with: {_code_versions(summary)}",
         f"- machine: {context.get('machine', 'unknown')}",
         f"- data: `{context.get('dataset_dir', '')}` ({', '.join(f'{k} {v}' for k, v in context.get('counts', {}).items())} images)",
         f"- seeds: {', '.join(str(s) for s in results.get('seeds', []))}",
@@ -383,6 +395,10 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
             "steps skipped because they had already run)"
         ),
     ]
+    if context.get("stale"):
+        lines += [
+            f"- left out, run with other settings than the study's (they run again): {', '.join(context['stale'])}"
+        ]
     if context.get("source"):
         lines += [f"- about the data: {context['source']}"]
     if spec.description:
@@ -505,5 +521,11 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
     lines += ["```", "", "</details>", ""]
     page = output / (spec.page or f"{spec.name}.md")
     page.write_text("\n".join(lines))
-    (figures / "summary.json").write_text(json.dumps({"summary": summary, "default": default}, indent=1, default=float))
+    dataset = Path(str(context.get("dataset_dir") or spec.dataset_dir or "data")).name
+    about = {"name": spec.name, "title": spec.title, "page": page.name, "profile": spec.profile, "dataset": dataset,
+             "command": context.get("command", ""), "version": context.get("version", "unknown"),
+             "complete": not missing and all(len(e["seeds"]) == len(seeds_run) for e in summary["arms"].values())}  # fmt: skip
+    (figures / "summary.json").write_text(
+        json.dumps({"study": about, "summary": summary, "default": default}, indent=1, default=float)
+    )
     return page

@@ -14,7 +14,7 @@ import logging
 import os
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,7 @@ class StudyRunner:
         max_epochs: override every arm's training length (for a quick look; arms that set their own keep theirs).
         results_file: the collected results, read to resume and written after every arm (default
             ``work_dir/raw_results.json``).
+        code_version: recorded with each arm and seed this call runs (a study can span code versions).
 
     Raises:
         FileNotFoundError: when ``dataset_dir`` lacks ``images/`` or ``masks/``, or there is no bundle.
@@ -108,8 +109,10 @@ class StudyRunner:
         tracking: bool = True,
         max_epochs: int | None = None,
         results_file: str | os.PathLike | None = None,
+        code_version: str | None = None,
     ) -> None:
         self.spec = spec
+        self.code_version = code_version
         self.dataset_dir = Path(dataset_dir)
         has_folders = (self.dataset_dir / "images").is_dir() and (self.dataset_dir / "masks").is_dir()
         if not has_folders and not (self.dataset_dir / "dataset.json").is_file():
@@ -307,6 +310,29 @@ class StudyRunner:
                 self._arm_results(arm, seed)
         return self.results
 
+    def current_results(self, results: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The results that the study as specified now would produce: an arm and seed whose fingerprint differs
+        from its current plan (another length, recipe or robustness setting) is left out, so that a page never
+        compares runs of different settings. Arms not in the study are left out too.
+
+        Returns:
+            ``(results without the stale entries, ["arm (seed s)", ...] left out)``.
+        """
+        if not self.datalists:
+            # the fingerprint leaves paths out: placeholders plan the same steps without preparing the data
+            self.datalists = {"validation": self.work_dir / "validation.json", "test": self.work_dir / "test.json"}
+        current: dict[str, Any] = {**results, "arms": {}}
+        stale = []
+        for name, runs in results.get("arms", {}).items():
+            arm = next((a for a in self.spec.arms if a.name == name), None)
+            for seed, result in runs.items():
+                if arm is not None and result.get("fingerprint") == _fingerprint(self.plan(arm, int(seed))):
+                    current["arms"].setdefault(name, {})[seed] = result
+                else:
+                    stale.append(f"{name} (seed {seed})")
+        current["seeds"] = sorted({int(s) for runs in current["arms"].values() for s in runs})
+        return current, stale
+
     def _arm_results(self, arm: Arm, seed: int, force: bool = False) -> dict[str, Any]:
         steps = self.plan(arm, seed)
         fingerprint = _fingerprint(steps)
@@ -328,6 +354,7 @@ class StudyRunner:
         collected["cost"]["wall_seconds"] = seconds["train"]
         collected["robustness_seconds"] = seconds["robustness"]
         collected["fingerprint"] = fingerprint
+        collected["code"] = self.code_version
         self.results["arms"].setdefault(arm.name, {})[str(seed)] = collected
         self.results.update({"counts": self.counts, "study": self.spec.name})
         self.results["seeds"] = sorted({int(s) for runs in self.results["arms"].values() for s in runs})

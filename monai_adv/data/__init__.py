@@ -21,6 +21,7 @@ from monai_adv.data.datalist import (
     decathlon_items,
     image_datalist,
     load_datalist,
+    split_by_file,
     split_datalist,
 )
 from monai_adv.data.loading import CheckedLoadImageD, CheckedLoadImaged, CheckedLoadImageDict
@@ -52,6 +53,7 @@ __all__ = [
     "read_fully",
     "read_header",
     "read_values",
+    "split_by_file",
     "split_datalist",
     "training_augmentation",
     "volume_patches",

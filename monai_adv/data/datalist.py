@@ -24,6 +24,7 @@ __all__ = [
     "datalist_from_folders",
     "image_datalist",
     "load_datalist",
+    "split_by_file",
     "split_datalist",
 ]
 
@@ -217,9 +218,20 @@ def _duplicates(values: Sequence[str]) -> list[str]:
     return sorted(value for value, count in Counter(values).items() if count > 1)
 
 
-def _split_by_file(
-    items: list[dict[str, str]], split_file: Path
+def split_by_file(
+    items: list[dict[str, str]], split_file: str | os.PathLike
 ) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]] | None]:
+    """The fixed split of ``split_file`` (``{"train": [ids], "validation": [ids], "test": [ids]}``; ``training`` and
+    ``val`` are accepted too, ``test`` is optional) applied to ``items`` (each with an ``id``).
+
+    Returns:
+        ``(train, validation, test)`` items in the file's order; ``test`` is None when the file has no test list.
+
+    Raises:
+        ValueError: (``DataError``) for a list that is missing, empty, not of strings, names an id without an
+            item, repeats an id, or shares ids with another list; each names the file and the key.
+    """
+    split_file = Path(split_file)
     split = _read_json(split_file, "split file")
     if not isinstance(split, dict):
         raise DataError(f"{split_file} must hold a JSON object with 'train' and 'validation' lists of ids.")
@@ -347,7 +359,7 @@ def load_datalist(
         if split_file is not None and not split_path.is_file():
             raise MissingFileError(f"split_file {split_path} does not exist.")
         if split_path.is_file():
-            training, validation, test = _split_by_file(items, split_path)
+            training, validation, test = split_by_file(items, split_path)
             source = split_path
         else:
             training, validation = split_datalist(items, val_fraction, seed)

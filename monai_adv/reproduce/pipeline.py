@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from monai_adv.reproduce.profiles import PROFILES, Profile
 from monai_adv.study.runner import StudyRunner
 from monai_adv.study.spec import StudySpec, load_study
@@ -145,9 +143,3 @@ class Reproduction(StudyRunner):
             "checks_failed": sorted(k for k, c in measured["checks"].items() if c.get("passed") is False),
             "suspect_gradient_masking": measured["suspect_gradient_masking"],
         }
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0

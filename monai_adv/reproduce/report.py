@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from monai_adv.reproduce.pipeline import ARM_LABELS, ARMS, mean_std, paper_epochs
-from monai_adv.study.report import plot_validation_curves
+from monai_adv.reproduce.pipeline import ARM_LABELS, ARMS, paper_epochs
+from monai_adv.study.report import mean_std, plot_validation_curves
 
 __all__ = ["fmt", "judge", "robustness_value", "test_score", "write_report"]
 

@@ -17,7 +17,15 @@ import numpy as np
 
 from monai_adv.study.spec import StudySpec
 
-__all__ = ["arm_cost", "choose_default", "paired_bootstrap", "plateau_epoch", "summarize", "write_study_report"]
+__all__ = [
+    "arm_cost",
+    "choose_default",
+    "mean_std",
+    "paired_bootstrap",
+    "plateau_epoch",
+    "summarize",
+    "write_study_report",
+]
 
 #: the rule's tolerance on clean IoU against the compute-matched control (1 IoU point)
 CLEAN_TOLERANCE = 0.01
@@ -26,7 +34,8 @@ ROBUST_FACTOR = 2.0
 BOOTSTRAP_SAMPLES = 2000
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
     array = np.asarray(values, dtype=float)
     return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
 
@@ -34,7 +43,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def _fmt(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
     if not values:
         return "–"
-    mean, std = _mean_std([scale * v for v in values])
+    mean, std = mean_std([scale * v for v in values])
     return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 

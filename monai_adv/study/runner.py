@@ -194,29 +194,18 @@ class StudyRunner:
         cut to the profile's limits.
 
         Raises:
-            ValueError: when ``split.json`` lists ids without an image/mask pair.
+            ValueError: for a ``split.json`` that :func:`~monai_adv.data.split_by_file` refuses (naming the key).
         """
-        from monai_adv.data import dataset_items, split_datalist
+        from monai_adv.data import dataset_items, split_by_file, split_datalist
 
         items = dataset_items(self.dataset_dir)
         split_file = self.dataset_dir / "split.json"
-        if split_file.is_file() and "test" in json.loads(split_file.read_text()):
-            split = json.loads(split_file.read_text())
-            by_id = {item["id"]: item for item in items}
-            parts = {}
-            for part, keys in (("train", ("train", "training")), ("validation", ("validation", "val")),
-                               ("test", ("test",))):  # fmt: skip
-                key = next((k for k in keys if k in split), None)
-                if key is None:
-                    raise ValueError(f"{split_file} has no {part!r} list (one of {keys}).")
-                missing = [i for i in split[key] if i not in by_id]
-                if missing:
-                    raise ValueError(f"{split_file} lists ids without an image/mask pair under {key!r}: {missing[:5]}.")
-                parts[part] = [by_id[i] for i in split[key]]
-        else:
+        train, validation, test = split_by_file(items, split_file) if split_file.is_file() else (None, None, None)
+        if test is None:
+            # no fixed test list: a seeded 80/10/10 of every item
             rest, test = split_datalist(items, 0.1, seed=0)
             train, validation = split_datalist(rest, 1 / 9, seed=1)
-            parts = {"train": train, "validation": validation, "test": test}
+        parts = {"train": train, "validation": validation, "test": test}
         return {k: v[: self.profile.limits.get(k)] for k, v in parts.items()}
 
     def prepare(self) -> dict[str, Path]:

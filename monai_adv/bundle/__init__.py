@@ -24,7 +24,14 @@ from monai_adv.bundle.guards import StopOnNonFiniteLoss
 from monai_adv.bundle.history import TrainingHistory
 from monai_adv.bundle.locks import FolderLock
 from monai_adv.bundle.metrics import class_names, per_class_metrics
-from monai_adv.bundle.settings import ADV_METHODS, check_settings, intensity_range, intensity_scaling, spatial_size
+from monai_adv.bundle.settings import (
+    ADV_METHODS,
+    check_settings,
+    intensity_range,
+    intensity_scaling,
+    memory_format,
+    spatial_size,
+)
 from monai_adv.bundle.tracking import TrackingGuard, bound_http_retries, check_tracking_server, log_best_model
 from monai_adv.bundle.training_run import TrainingRun, check_mlflow_handlers, prepare_mlflow_handlers
 
@@ -47,6 +54,7 @@ __all__ = [
     "intensity_scaling",
     "latest_checkpoint",
     "log_best_model",
+    "memory_format",
     "per_class_metrics",
     "prepare_mlflow_handlers",
     "require_file",

@@ -511,9 +511,10 @@ def _batch_statistics(images: torch.Tensor, labels: torch.Tensor, epsilon: torch
         ValueError: NaN or Inf in images or labels; NaN, Inf or negative epsilon.
     """
     check_labels = labels.dtype != torch.bool and labels.numel() > 0
+    # aminmax propagates NaN and keeps +-Inf: finite extremes mean finite images, without another pass
     image_low, image_high = torch.aminmax(images.detach())
     parts = [
-        torch.isfinite(images).all(),
+        torch.isfinite(image_low) & torch.isfinite(image_high),
         torch.isfinite(labels).all() if labels.is_floating_point() else images.new_ones((), dtype=torch.bool),
         torch.isfinite(epsilon).all(),
         (epsilon >= 0).all(),

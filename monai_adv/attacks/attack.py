@@ -300,7 +300,8 @@ def run_attack(
             done = 0
             for multiplier, steps in zip(spec.radii, stages):
                 radius = eps * multiplier
-                x = run.project(x, radius)
+                # the clean images are inside every ball and within their bounds (checked above): no projection
+                x = x if x is images else run.project(x, radius)
                 # only points inside the epsilon ball (the radius-1 stages) may be kept as the best
                 x = stage(run, x, radius, steps, done, spec.num_steps, best, multiplier == 1.0)
                 done += steps

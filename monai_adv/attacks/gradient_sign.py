@@ -259,6 +259,18 @@ class GradientPass:
     zero: bool
 
 
+def _gradient_flags(loss: torch.Tensor, grad: torch.Tensor) -> tuple[bool, bool, bool]:
+    """``(loss finite, gradient finite, gradient nonzero)`` in one pass over the gradient and one synchronisation:
+    aminmax propagates NaN and keeps +-Inf, so finite extremes mean a finite gradient, and a zero gradient has
+    both extremes 0."""
+    low, high = torch.aminmax(grad)
+    flags = torch.stack(
+        [torch.isfinite(loss).all(), torch.isfinite(low) & torch.isfinite(high), (low != 0) | (high != 0)]
+    )
+    loss_finite, grad_finite, nonzero = flags.tolist()
+    return bool(loss_finite), bool(grad_finite), bool(nonzero)
+
+
 def objective_gradient(network: nn.Module, images: torch.Tensor, objective: Objective, amp: bool) -> GradientPass:
     """The input gradient of ``objective(network(images))`` with one host-device synchronisation for every check
     (two only when a scaled float16 gradient overflows).
@@ -269,7 +281,7 @@ def objective_gradient(network: nn.Module, images: torch.Tensor, objective: Obje
         NonFiniteLossError: for a NaN or infinite loss or gradient.
     """
     with torch.inference_mode(False), torch.enable_grad():
-        x = images.detach().clone().requires_grad_(True)
+        x = images.detach().requires_grad_(True)  # a new leaf on the same storage, which autograd only reads
         with torch.autocast(device_type=x.device.type, enabled=amp):
             pred = _prediction(network(_as_network_input(network, x)))
         loss, per_image = objective(pred.float() if amp else pred)
@@ -283,12 +295,10 @@ def objective_gradient(network: nn.Module, images: torch.Tensor, objective: Obje
         # and fall back to no scaling if that overflows.
         scale = _AMP_LOSS_SCALE if amp else 1.0
         (grad,) = torch.autograd.grad(loss * scale if amp else loss, x, retain_graph=amp)
-        loss_finite, grad_finite, nonzero = torch.stack(
-            [torch.isfinite(loss).all(), torch.isfinite(grad).all(), grad.any()]
-        ).tolist()
+        loss_finite, grad_finite, nonzero = _gradient_flags(loss, grad)
         if amp and loss_finite and not grad_finite:
             (grad,) = torch.autograd.grad(loss, x)
-            grad_finite, nonzero = torch.stack([torch.isfinite(grad).all(), grad.any()]).tolist()
+            _, grad_finite, nonzero = _gradient_flags(loss, grad)
     if not (loss_finite and grad_finite):
         _raise_non_finite(network, loss.detach(), bool(loss_finite))
     return GradientPass(

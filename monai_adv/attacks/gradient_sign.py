@@ -155,7 +155,8 @@ def _label_summary(labels: torch.Tensor) -> torch.Tensor:
     """``[min, max, any non-integer]`` of non-empty, non-boolean labels, as a float32 tensor on their device."""
     values = labels.float() if not labels.is_floating_point() else labels
     non_integer = (values != values.round()).any() if labels.is_floating_point() else values.new_zeros(())
-    return torch.stack([values.min().float(), values.max().float(), non_integer.float()])
+    low, high = torch.aminmax(values)  # one pass for both
+    return torch.stack([low.float(), high.float(), non_integer.float()])
 
 
 def _prediction(output: object) -> torch.Tensor:

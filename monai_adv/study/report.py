@@ -504,6 +504,18 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
         lines += ["", "## Convergence", "",
                   (f"The longest plain arm (`{longest.name}`, {length} epochs) reaches within 1 IoU point of its best "
                   f"validation IoU at epoch {', '.join(str(p) for p in plateaus)} (per seed).")]  # fmt: skip
+        plain = spec.plain_arm
+        if plain and plain != longest.name and plain in results["arms"]:
+            shared = [s for s in results["arms"][plain] if s in runs]
+            if shared:
+                ours = [max(results["arms"][plain][s]["val_iou"].values()) for s in shared]
+                theirs = [max(runs[s]["val_iou"].values()) for s in shared]
+                study_length = max(len(results["arms"][plain][s]["val_iou"]) for s in shared)
+                lines[-1] += (
+                    f" At the study's length ({study_length} epochs) the plain arm `{plain}` reaches a best validation "
+                    f"IoU of {_fmt(ours)}, against {_fmt(theirs)} for `{longest.name}` "
+                    f"({100 * (np.mean(theirs) - np.mean(ours)):+.1f} points, seeds {', '.join(shared)})."
+                )
     lines += ["", "## Figures", ""]
     if epsilons and summary["arms"]:
         pareto = _plot_pareto(summary, figures / "pareto.png")

@@ -97,7 +97,7 @@ def test_publish_sets_the_default_and_writes_the_numbers(bundle_copy: Path, tmp_
     readme = (bundle_copy / "docs" / "README.md").read_text()
     section = readme.split(BEGIN)[1].split(END)[0]
     assert "| std + N-FGSM (`std_nfgsm`) | 2 | 0.580 ± 0.014 | 0.680 ± 0.014 | 0.320 ± 0.014 |" in section
-    assert "-2.0 [-4.0, +0.0]" in section and "2.05x" in section
+    assert "-2.0 [-4.0, +0.0]" in section and "| 2.05 ± 0.07x |" in section and "(wall)" not in section
     assert "**Default recipe: `nfgsm`** (arm `std_nfgsm`" in section and "not complete" not in section
 
     # publishing another choice replaces the section and resets what the new default leaves alone

@@ -16,7 +16,7 @@ import pytest
 
 from monai_adv.errors import SettingsError
 from monai_adv.study import choose_default, load_study, paired_bootstrap, plateau_epoch
-from monai_adv.study.report import summarize
+from monai_adv.study.report import step_ratio, summarize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KVASIR = REPO_ROOT.parent / "shared" / "data" / "kvasir_seg"
@@ -168,6 +168,14 @@ def test_study_file_errors_name_the_file_and_key(tmp_path):
         spec.select(["nope"])
     shipped = load_study("kvasir_recipes")
     assert {a.control for a in shipped.arms if a.candidate} <= {a.name for a in shipped.arms}
+
+
+def test_step_ratio_prefers_cpu_time_when_both_runs_have_it():
+    plain = {"train_seconds": 100.0, "train_cpu_seconds": 180.0, "iterations": 100}
+    busy = {"train_seconds": 400.0, "train_cpu_seconds": 380.0, "iterations": 100}  # slowed by another job
+    assert step_ratio(busy, plain) == (pytest.approx(380 / 180), "cpu")
+    older = {"train_seconds": 100.0, "iterations": 50}  # a result written before CPU time was recorded
+    assert step_ratio(older, plain) == (pytest.approx(2.0), "wall")
 
 
 def test_paired_bootstrap_is_exact_for_a_constant_shift_and_covers_the_mean():

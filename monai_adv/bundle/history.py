@@ -27,13 +27,19 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(number) else number  # NaN is not a measurement
 
 
+def _empty_totals() -> dict[str, float]:
+    return {"seconds": 0.0, "cpu_seconds": 0.0, "iterations": 0, "images": 0}
+
+
 class TrainingHistory:
     """Write ``{"epochs": [...], "total": {...}}`` to ``path`` after every training epoch and every validation.
 
-    Each epoch entry holds ``epoch``, ``seconds`` (the epoch's wall time, validation excluded), ``iterations``
+    Each epoch entry holds ``epoch``, ``seconds`` (the epoch's wall time, validation excluded), ``cpu_seconds``
+    (the process's CPU time over the same span, all threads: a cost that another job on the machine changes far
+    less than the wall time), ``iterations``
     (optimiser steps), ``images`` (samples whose loss was backpropagated: with appended adversarial copies a batch
     of 16 counts 32), the trainer's epoch metrics (``train_epoch_loss``, ``adv_*``) and, in epochs that validated,
-    the validator's metrics (``val_mean_iou``, ...). ``total`` sums seconds, iterations and images. The counters
+    the validator's metrics (``val_mean_iou``, ...). ``total`` sums seconds, CPU seconds, iterations and images. The counters
     are a checkpointable state (``state_dict``), so a resumed training continues them; entries after the resumed
     epoch (an interrupted training's) are dropped.
 
@@ -50,8 +56,9 @@ class TrainingHistory:
         self.validator = validator
         self.adversarial_step = adversarial_step
         self.epochs: list[dict[str, Any]] = []
-        self.totals = {"seconds": 0.0, "iterations": 0, "images": 0}
+        self.totals = _empty_totals()
         self._epoch_start = self._last_iteration_end = 0.0
+        self._epoch_cpu_start = self._last_iteration_cpu = 0.0
         self._epoch_counts = {"iterations": 0, "images": 0}
         self._trainer: Engine | None = None
 
@@ -69,10 +76,11 @@ class TrainingHistory:
         done = int(engine.state.epoch)
         self.epochs = [e for e in self.epochs if e["epoch"] <= done]
         if not done:
-            self.epochs, self.totals = [], {"seconds": 0.0, "iterations": 0, "images": 0}
+            self.epochs, self.totals = [], _empty_totals()
 
     def _epoch_started(self, engine: Engine) -> None:
         self._epoch_start = self._last_iteration_end = time.perf_counter()
+        self._epoch_cpu_start = self._last_iteration_cpu = time.process_time()
         self._epoch_counts = {"iterations": 0, "images": 0}
 
     def _iteration_completed(self, engine: Engine) -> None:
@@ -89,21 +97,24 @@ class TrainingHistory:
                 images = int(image.shape[0]) if image is not None and hasattr(image, "shape") else 0
         self._epoch_counts["images"] += images
         self._last_iteration_end = time.perf_counter()
+        self._last_iteration_cpu = time.process_time()
 
     def _epoch_completed(self, engine: Engine) -> None:
         # up to the last iteration: a ValidationHandler attached earlier has already validated at this event
         seconds = self._last_iteration_end - self._epoch_start
+        cpu_seconds = self._last_iteration_cpu - self._epoch_cpu_start
         epoch = int(engine.state.epoch)
         entry = next((e for e in self.epochs if e["epoch"] == epoch), None)
         if entry is None:
             entry = {"epoch": epoch}
             self.epochs.append(entry)
-        entry.update({"seconds": seconds, **self._epoch_counts})
+        entry.update({"seconds": seconds, "cpu_seconds": cpu_seconds, **self._epoch_counts})
         for name, value in engine.state.metrics.items():
             number = _number(value)
             if number is not None:
                 entry[name] = number
         self.totals["seconds"] += seconds
+        self.totals["cpu_seconds"] = self.totals.get("cpu_seconds", 0.0) + cpu_seconds
         self.totals["iterations"] += self._epoch_counts["iterations"]
         self.totals["images"] += self._epoch_counts["images"]
         self.epochs.sort(key=lambda e: e["epoch"])

@@ -26,7 +26,7 @@ import numpy as np
 
 from monai_adv.engines.recipes import recipe_preset
 from monai_adv.errors import SettingsError
-from monai_adv.study.report import _fmt, _interval
+from monai_adv.study.report import _fmt, _interval, _ratio_cell
 
 __all__ = ["BEGIN", "END", "PUBLISHABLE_KEYS", "main", "performance_section", "publish"]
 
@@ -95,11 +95,10 @@ def performance_section(summary: Mapping[str, Any], results_page: str = "docs/re
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, entry in study["arms"].items():
         vs = entry.get("vs_control", {})
-        ratio = entry.get("step_ratio") or []
         cells = [f"{entry['label']} (`{name}`)", str(len(entry["seeds"])), _fmt(entry["clean_iou"]),
                  _fmt(entry["clean_dice"]), *[_fmt(entry["robust_iou"][f"{e:g}"]) for e in epsilons],
                  _interval(vs.get("clean_iou")), *[_interval(vs.get(f"robust_iou@{e:g}")) for e in epsilons],
-                 f"{np.mean(ratio):.2f}x" if ratio else "–"]  # fmt: skip
+                 _ratio_cell(entry)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     if default.get("arm"):
         arm = default["arm"]

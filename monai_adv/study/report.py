@@ -132,6 +132,22 @@ def arm_cost(results: Mapping[str, Any], spec: StudySpec, arm: str, seed: str) -
     return {**total, "own_seconds": float(cost["train_seconds"]), "seconds_per_step": own_step}
 
 
+def step_ratio(cost: Mapping[str, Any], plain_cost: Mapping[str, Any]) -> tuple[float, str]:
+    """An arm's time per optimiser step as a multiple of the plain arm's (its own training, not what it builds on).
+
+    CPU time (the process's, all threads) when both runs recorded it: another job on the machine stretches the
+    wall time of whatever runs beside it, and the CPU time much less; else the wall time.
+
+    Returns:
+        ``(ratio, "cpu" or "wall")``.
+    """
+    clock = "cpu" if "train_cpu_seconds" in cost and "train_cpu_seconds" in plain_cost else "wall"
+    key = "train_cpu_seconds" if clock == "cpu" else "train_seconds"
+    per_step = float(cost[key]) / max(float(cost["iterations"]), 1.0)
+    plain_step = float(plain_cost[key]) / max(float(plain_cost["iterations"]), 1.0)
+    return per_step / plain_step, clock
+
+
 def plateau_epoch(curve: Mapping[str, float], tolerance: float = CLEAN_TOLERANCE) -> int | None:
     """The first epoch from which the best validation IoU so far stays within ``tolerance`` of the run's best."""
     if not curve:
@@ -144,6 +160,14 @@ def plateau_epoch(curve: Mapping[str, float], tolerance: float = CLEAN_TOLERANCE
         if running >= best - tolerance:
             return epoch
     return epochs[-1]
+
+
+def _ratio_cell(entry: Mapping[str, Any]) -> str:
+    ratios = entry.get("step_ratio") or []
+    if not ratios:
+        return "–"
+    wall = "wall" in entry.get("step_ratio_clock", [])
+    return _fmt(ratios, digits=2) + "x" + (" (wall)" if wall else "")
 
 
 def _code_versions(summary: Mapping[str, Any]) -> str:
@@ -186,13 +210,15 @@ def summarize(results: Mapping[str, Any], spec: StudySpec) -> dict[str, Any]:
         costs = [arm_cost(results, spec, arm.name, s) for s in seeds]
         entry["cost"] = {key: [c[key] for c in costs] for key in costs[0]}
         if plain and plain in results["arms"]:
-            ratios = []
-            for s, c in zip(seeds, costs):
+            ratios, clocks = [], []
+            for s in seeds:
                 base = results["arms"][plain].get(s)
                 if base is not None:
-                    base_step = float(base["cost"]["train_seconds"]) / max(float(base["cost"]["iterations"]), 1.0)
-                    ratios.append(c["seconds_per_step"] / base_step)
+                    ratio, clock = step_ratio(runs[s]["cost"], base["cost"])
+                    ratios.append(ratio)
+                    clocks.append(clock)
             entry["step_ratio"] = ratios
+            entry["step_ratio_clock"] = clocks
         if arm.control and arm.control in results["arms"]:
             control_runs = results["arms"][arm.control]
             per_image = lambda runs_, key: {s: r["per_image"].get(key, {}) for s, r in runs_.items()}
@@ -437,7 +463,7 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
         cells = [f"{entry['label']} (`{name}`)", str(len(entry["seeds"])), _fmt(entry["clean_iou"]),
                  _fmt(entry["clean_dice"]), *[_fmt(entry["robust_iou"][f"{e:g}"]) for e in epsilons],
                  f"{np.mean(cost['iterations']):.0f}", f"{np.mean(cost['images']):.0f}",
-                 _fmt(entry.get("step_ratio", []), digits=2) + "x" if entry.get("step_ratio") else "–",
+                 _ratio_cell(entry),
                  _fmt([s / 60 for s in cost["seconds"]], digits=1),
                  ", ".join(entry["checks_failed"]) or "none"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -457,7 +483,8 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
         (
             "Steps, images and minutes include what an arm builds on (the clean training a fine-tune starts from, the "
             "model and the writing of offline copies); time per step is the arm's own, against the plain arm "
-            f"(`{summary['plain_arm']}`) of the same seed."
+            f"(`{summary['plain_arm']}`) of the same seed, in CPU time where both runs recorded it (a ratio marked "
+            "*wall* is in wall time, which another job on the machine stretches)."
         ),
     ]
     lines += _per_class_table(results, spec, epsilons, eps_names)

@@ -427,6 +427,7 @@ class StudyRunner:
             "per_image": per_image,
             "cost": {
                 "train_seconds": total["seconds"],
+                **({"train_cpu_seconds": total["cpu_seconds"]} if "cpu_seconds" in total else {}),
                 "iterations": total["iterations"],
                 "images": total["images"],
                 "epochs": len(epochs),

@@ -56,9 +56,10 @@ def test_counts_steps_and_the_images_each_step_trained_on(
     for entry in written["epochs"]:
         assert entry["iterations"] == 2 and entry["images"] == per_epoch
         assert 0.0 <= entry["val_mean_dice"] <= 1.0  # the validator's metric, at the trainer's epoch
-        assert entry["seconds"] > 0
+        assert entry["seconds"] > 0 and entry["cpu_seconds"] > 0
     assert written["total"] == {
         "seconds": pytest.approx(sum(e["seconds"] for e in written["epochs"])),
+        "cpu_seconds": pytest.approx(sum(e["cpu_seconds"] for e in written["epochs"])),
         "iterations": 4,
         "images": 2 * per_epoch,
     }

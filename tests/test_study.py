@@ -226,3 +226,35 @@ def test_summary_reads_costs_and_ratio_from_the_files(tmp_path):
     assert summary["arms"]["fgsm"]["step_ratio"] == [pytest.approx(2.0)]
     assert summary["arms"]["finetune"]["cost"]["iterations"] == [15.0]  # its own 5 and the UNet's 10
     assert summary["arms"]["finetune"]["step_ratio"] == [pytest.approx(3.0)]
+
+
+def test_volume_datalists_name_files_the_bundle_finds_from_a_relative_dataset_dir(tmp_path, monkeypatch):
+    """Volumes are not prepared: the datalists name the original files, which must resolve from the datalist's own
+    folder (where the bundle reads them) also when the study was given relative paths."""
+    import nibabel as nib
+
+    from monai_adv.study import StudyRunner
+
+    data = tmp_path / "decathlon"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    cases = [f"case_{i:03d}" for i in range(6)]
+    for case in cases:
+        for folder in ("imagesTr", "labelsTr"):
+            nib.save(
+                nib.Nifti1Image(np.zeros((6, 6, 6), dtype=np.float32), np.eye(4)), data / folder / f"{case}.nii.gz"
+            )
+    training = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases]
+    (data / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "a", "2": "b"},
+                                                   "training": training}))  # fmt: skip
+    (data / "split.json").write_text(json.dumps({"train": cases[:4], "validation": cases[4:5], "test": cases[5:]}))
+    monkeypatch.chdir(tmp_path)
+    runner = StudyRunner(load_study("hippocampus_recipes"), "decathlon", [0], "work")
+    datalists = runner.prepare()
+    for path in datalists.values():
+        listed = json.loads(path.read_text())
+        items = listed["training"] + listed["validation"]
+        assert len(items) == 5
+        for item in items:
+            for key in ("image", "label"):
+                assert (path.parent / item[key]).is_file(), (path, item[key])

@@ -113,7 +113,8 @@ class StudyRunner:
     ) -> None:
         self.spec = spec
         self.code_version = code_version
-        self.dataset_dir = Path(dataset_dir)
+        # absolute: the datalists name files by these paths, and the bundle reads them from other folders
+        self.dataset_dir = Path(dataset_dir).resolve()
         has_folders = (self.dataset_dir / "images").is_dir() and (self.dataset_dir / "masks").is_dir()
         if not has_folders and not (self.dataset_dir / "dataset.json").is_file():
             raise FileNotFoundError(
@@ -123,7 +124,7 @@ class StudyRunner:
             raise SettingsError("give at least one seed (--seeds 0 1 2).")
         self.seeds = [int(s) for s in seeds]
         self.profile: Profile = PROFILES[spec.profile]
-        self.work_dir = Path(work_dir)
+        self.work_dir = Path(work_dir).resolve()
         self.bundle_dir = find_bundle_dir(bundle_dir)
         self.configs = self.bundle_dir / "configs"
         self.arms = spec.select(list(arms) if arms else None)

@@ -50,7 +50,8 @@ def paper_study(profile: Profile, max_epochs: int | None = None) -> StudySpec:
     """The paper's protocol as a study: its five arms (UNet; FGSM and InvFGSM online; the same two offline, with
     copies made by the UNet arm's model), at the profile's epsilon, length and robustness budget."""
     epsilon = profile.adv_epsilon
-    online = {"adv#epsilon": epsilon, "adv#mode": "append"}
+    # the paper's FGSM whatever the bundle's default recipe is: no random start, appended copies
+    online = {"adv#recipe": "paper", "adv#epsilon": epsilon, "adv#mode": "append"}
     offline = lambda method: {"from": "unet", "method": method, "epsilon": epsilon}
     arms = [
         {"name": "unet", "label": ARM_LABELS["unet"], "overrides": {"adv#method": "none"}},

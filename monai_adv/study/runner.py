@@ -368,7 +368,10 @@ class StudyRunner:
             # the source's network settings, without its adversarial or training-only keys
             settings = {k: v for k, v in self.training_settings(source, seed, datalist).items()
                         if not k.startswith("adv#") and k not in ("augment", "init_ckpt", "max_epochs", "resume")}  # fmt: skip
-            settings.update({"augment_dir": str(augment_dir), "adv#method": method,
+            # the copies' attack: the paper's plain signed-gradient step unless the arm names a recipe (the
+            # bundle's default recipe may add a random start or other options)
+            settings.update({"augment_dir": str(augment_dir), "adv#recipe": arm.offline.get("recipe", "paper"),
+                             "adv#method": method,
                              "adv#epsilon": arm.offline.get("epsilon", self.profile.adv_epsilon)})  # fmt: skip
             steps.append(("offline", augment_dir / "done.json", "augment", ["augment.json"],
                           self.root(seed, source.name), False, settings))  # fmt: skip

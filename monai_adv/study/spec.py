@@ -40,7 +40,7 @@ STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 _STUDY_KEYS = {"name", "title", "description", "profile", "overrides", "plain_arm", "robustness", "arms", "page",
                "dataset_dir"}  # fmt: skip
 _ARM_KEYS = {"name", "label", "overrides", "offline", "init_from", "control", "candidate", "description"}
-_OFFLINE_KEYS = {"from", "method", "epsilon"}
+_OFFLINE_KEYS = {"from", "method", "epsilon", "recipe"}
 _ROBUSTNESS_KEYS = {"attacks", "epsilons", "iterative_epsilons", "num_steps", "restarts", "checks", "num_examples",
                     "example_epsilon", "quoted_epsilons"}  # fmt: skip
 

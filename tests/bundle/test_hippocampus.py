@@ -11,7 +11,7 @@ from monai_adv.data import load_datalist
 
 pytestmark = pytest.mark.slow
 
-TINY_3D = {"max_train": 4, "max_val": 2, "max_epochs": 2, "val_interval": 1, "batch_size": 2,
+TINY_3D = {"adv#recipe": "paper", "max_train": 4, "max_val": 2, "max_epochs": 2, "val_interval": 1, "batch_size": 2,
            "features": [8, 8, 16, 16, 32, 8], "patches_per_volume": 1}  # fmt: skip
 
 

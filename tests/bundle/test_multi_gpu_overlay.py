@@ -26,7 +26,7 @@ def test_two_process_ddp_training_with_fgsm(tmp_path: Path) -> None:
         torchrun, "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training",
         "--config_file", configs, "--bundle_root", str(tmp_path),
         "--features", "[4,4,8,8,16,4]", "--image_size", "32", "--max_train", "8", "--max_val", "4",
-        "--max_epochs", "2", "--batch_size", "2", "--adv#method", "both",
+        "--max_epochs", "2", "--batch_size", "2", "--adv#recipe", "paper", "--adv#method", "both",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)

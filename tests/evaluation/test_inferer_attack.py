@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from monai.inferers import SimpleInferer, SlidingWindowInferer
@@ -38,6 +40,9 @@ def test_gradient_flows_through_overlapping_windows(volume_case):
     """Smaller overlapping windows: the input gradient through the inferer is non-zero everywhere and matches a
     finite difference of the stitched prediction's loss."""
     net, images, labels = volume_case
+    # float64 and a seeded direction: in float32 the central difference's rounding (~1e-4) is the size of the
+    # derivative itself, which made this check fail now and then
+    net, images = copy.deepcopy(net).double(), images.double()
     loss = DiceCELoss(to_onehot_y=True, softmax=True)
     inferer = SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=4, overlap=0.5, mode="gaussian")
     window = InfererNetwork(net, inferer)
@@ -45,13 +50,13 @@ def test_gradient_flows_through_overlapping_windows(volume_case):
     value = loss(window(x), labels)
     (grad,) = torch.autograd.grad(value, x)
     assert grad.abs().sum() > 0 and bool((grad != 0).float().mean() > 0.9)
-    direction = torch.randn_like(images)
+    direction = torch.randn(images.shape, generator=torch.Generator().manual_seed(0), dtype=images.dtype)
     direction /= direction.norm()
-    h = 1e-3
+    h = 1e-4
     with torch.no_grad():
         numeric = (loss(window(images + h * direction), labels) - loss(window(images - h * direction), labels)) / (
             2 * h
         )
-    assert float((grad * direction).sum()) == pytest.approx(float(numeric), rel=0.05, abs=1e-4)
+    assert float((grad * direction).sum()) == pytest.approx(float(numeric), rel=1e-3, abs=1e-8)
     # the simple inferer is the network itself
     assert torch.equal(InfererNetwork(net, SimpleInferer())(images), net(images))

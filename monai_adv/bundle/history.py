@@ -114,7 +114,7 @@ class TrainingHistory:
             if number is not None:
                 entry[name] = number
         self.totals["seconds"] += seconds
-        self.totals["cpu_seconds"] = self.totals.get("cpu_seconds", 0.0) + cpu_seconds
+        self.totals["cpu_seconds"] += cpu_seconds
         self.totals["iterations"] += self._epoch_counts["iterations"]
         self.totals["images"] += self._epoch_counts["images"]
         self.epochs.sort(key=lambda e: e["epoch"])

@@ -22,6 +22,7 @@ __all__ = ["ADV_METHODS", "check_settings", "intensity_range", "intensity_scalin
 ADV_METHODS = ("none", "fgsm", "invfgsm", "both")
 _NULL_WORDS = ("null", "none", "")
 _TRUE_WORDS = ("true", "yes", "y", "t")
+_BOOLEAN_WORDS = (*_TRUE_WORDS, "false", "no", "n", "f")
 
 
 def spatial_size(image_size: int | Sequence[int], spatial_dims: int) -> list[int]:
@@ -201,7 +202,7 @@ def _choice(key: str, value: Any, choices: Sequence[str]) -> str | None:
 
 
 def _boolean(key: str, value: Any) -> str | None:
-    if isinstance(value, bool) or str(value).strip().lower() in ("true", "false", "yes", "no", "y", "n", "t", "f"):
+    if isinstance(value, bool) or str(value).strip().lower() in _BOOLEAN_WORDS:
         return None
     return f"--{key} must be true or false, got {value!r}."
 

@@ -127,6 +127,17 @@ def epsilon_factor(recipe: TrainingRecipe, epoch: int) -> float:
 
 
 _ROBUST_EPSILON = 4 / 255
+#: N-FGSM's attack: noise U(-2e, 2e), one step of e, no projection, adversarial-only batches (its variants below
+#: change the radius or the replaced fraction)
+_NFGSM: dict[str, Any] = {
+    "epsilon": _ROBUST_EPSILON,
+    "random_start": True,
+    "start_radius": 2.0,
+    "relative_step": 1.0,
+    "project": False,
+    "mode": "replace",
+    "replace_fraction": 1.0,
+}
 #: The named recipes: each a set of bundle ``adv`` settings (``method``, the attack's and the recipe's options).
 #: Robust-training recipes use epsilon 4/255 on images in [0, 1]; ``paper`` keeps the paper's 0.1.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -137,32 +148,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     "nfgsm": {
         "_desc_": "N-FGSM (de Jorge et al. 2022): noise U(-2e, 2e), one step of e, no projection, adversarial-only",
-        "epsilon": _ROBUST_EPSILON,
-        "random_start": True,
-        "start_radius": 2.0,
-        "relative_step": 1.0,
-        "project": False,
-        "mode": "replace",
-        "replace_fraction": 1.0,
+        **_NFGSM,
     },
     "nfgsm_eps2": {
         "_desc_": "N-FGSM at epsilon 2/255 (noise U(-4/255, 4/255), one step of 2/255), adversarial-only",
+        **_NFGSM,
         "epsilon": 2 / 255,
-        "random_start": True,
-        "start_radius": 2.0,
-        "relative_step": 1.0,
-        "project": False,
-        "mode": "replace",
-        "replace_fraction": 1.0,
     },
     "nfgsm_mixed": {
         "_desc_": "N-FGSM at 4/255 on half of each batch, the other half clean (the images of plain training)",
-        "epsilon": _ROBUST_EPSILON,
-        "random_start": True,
-        "start_radius": 2.0,
-        "relative_step": 1.0,
-        "project": False,
-        "mode": "replace",
+        **_NFGSM,
         "replace_fraction": 0.5,
     },
     "fgsm_rs": {

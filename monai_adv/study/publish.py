@@ -26,7 +26,7 @@ import numpy as np
 
 from monai_adv.engines.recipes import recipe_preset
 from monai_adv.errors import SettingsError
-from monai_adv.study.report import _fmt, _interval, _ratio_cell
+from monai_adv.study.report import _fmt, _interval, _ratio_cell, epsilon_name
 
 __all__ = ["BEGIN", "END", "PUBLISHABLE_KEYS", "main", "performance_section", "publish"]
 
@@ -35,10 +35,6 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 PUBLISHABLE_KEYS = {"adv#recipe": ("adv", "recipe"), "augment": ("augment",)}
 #: what train.json holds for a publishable key that the chosen arm leaves alone
 _UNSET = {"augment": "none"}
-
-
-def _eps_name(epsilon: float) -> str:
-    return f"{255 * epsilon:.0f}/255"
 
 
 def _default_settings(summary: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -73,8 +69,8 @@ def performance_section(summary: Mapping[str, Any], results_page: str = "docs/re
     """
     about, study, default = summary["study"], summary["summary"], summary["default"]
     epsilons = study["epsilons"]
-    header = ["arm", "seeds", "clean IoU", "clean Dice", *[f"robust IoU {_eps_name(e)}" for e in epsilons],
-              "vs control: clean", *[f"vs control: robust {_eps_name(e)}" for e in epsilons],
+    header = ["arm", "seeds", "clean IoU", "clean Dice", *[f"robust IoU {epsilon_name(e)}" for e in epsilons],
+              "vs control: clean", *[f"vs control: robust {epsilon_name(e)}" for e in epsilons],
               "time/step vs plain"]  # fmt: skip
     lines = [
         BEGIN,
@@ -186,7 +182,7 @@ def publish(
         metrics[f"{prefix}_test_mean_iou_{name}"] = float(np.mean(entry["clean_iou"]))
         metrics[f"{prefix}_test_mean_dice_{name}"] = float(np.mean(entry["clean_dice"]))
         for eps in summary["summary"]["epsilons"]:
-            label = _eps_name(eps).replace("/", "_")
+            label = epsilon_name(eps).replace("/", "_")
             metrics[f"{prefix}_test_ensemble_iou_{label}_{name}"] = float(np.mean(entry["robust_iou"][f"{eps:g}"]))
     metrics["source"] = f"docs/README.md, Performance: {about['command']} (code {about['version']})"
     metadata = json.loads(metadata_path.read_text())

@@ -20,9 +20,11 @@ from monai_adv.study.spec import StudySpec
 __all__ = [
     "arm_cost",
     "choose_default",
+    "epsilon_name",
     "mean_std",
     "paired_bootstrap",
     "plateau_epoch",
+    "step_ratio",
     "summarize",
     "write_study_report",
 ]
@@ -32,6 +34,11 @@ CLEAN_TOLERANCE = 0.01
 #: the target: at least this multiple of the control's robust IoU at the first quoted epsilon
 ROBUST_FACTOR = 2.0
 BOOTSTRAP_SAMPLES = 2000
+
+
+def epsilon_name(epsilon: float) -> str:
+    """An epsilon on the 8-bit scale the pages quote: ``2/255``."""
+    return f"{255 * float(epsilon):.0f}/255"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -116,20 +123,19 @@ def arm_cost(results: Mapping[str, Any], spec: StudySpec, arm: str, seed: str) -
     made its offline copies, and writing those copies).
 
     Returns:
-        ``{"iterations", "images", "seconds", "own_seconds", "seconds_per_step"}`` (seconds: training wall time,
-        validation excluded, plus the offline writing).
+        ``{"iterations", "images", "seconds", "own_seconds"}`` (seconds: training wall time, validation excluded,
+        plus the offline writing; the time per step against the plain arm is :func:`step_ratio`).
     """
     result = results["arms"][arm][seed]
     cost = result["cost"]
     total = {"iterations": float(cost["iterations"]), "images": float(cost["images"]),
              "seconds": float(cost["train_seconds"]) + float(cost.get("offline_seconds", 0.0))}  # fmt: skip
-    own_step = float(cost["train_seconds"]) / max(float(cost["iterations"]), 1.0)
     for other in spec.arm(arm).depends_on:
         if seed in results["arms"].get(other, {}):
             below = arm_cost(results, spec, other, seed)
             for key in ("iterations", "images", "seconds"):
                 total[key] += below[key]
-    return {**total, "own_seconds": float(cost["train_seconds"]), "seconds_per_step": own_step}
+    return {**total, "own_seconds": float(cost["train_seconds"])}
 
 
 def step_ratio(cost: Mapping[str, Any], plain_cost: Mapping[str, Any]) -> tuple[float, str]:
@@ -305,7 +311,7 @@ def _verdict(entry: Mapping[str, Any], epsilons: Sequence[float]) -> str:
             if robust["low"] > 0
             else ("less robust" if robust["high"] < 0 else "no robustness difference shown")
         )
-        parts.append(f"{word} at ε {255 * e:.0f}/255 ({_interval(robust)} points)")
+        parts.append(f"{word} at ε {epsilon_name(e)} ({_interval(robust)} points)")
     seeds = clean["seeds"] if clean else 0
     return f"{'; '.join(parts)} (paired over {seeds} seed(s) and {clean.get('images', 0)} test images)."
 
@@ -354,7 +360,7 @@ def _plot_pareto(summary: Mapping[str, Any], path: Path) -> Path:
                     capsize=3, label=entry["label"])  # fmt: skip
         ax.annotate(name, (clean.mean(), robust.mean()), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("clean test IoU")
-    ax.set_ylabel(f"IoU under the ensemble at ε {255 * float(key):.0f}/255")
+    ax.set_ylabel(f"IoU under the ensemble at ε {epsilon_name(key)}")
     ax.set_title("accuracy against robustness (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="best")
@@ -410,7 +416,7 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
     summary = summarize(results, spec)
     default = choose_default(summary)
     epsilons = summary["epsilons"]
-    eps_names = [f"{255 * e:.0f}/255" for e in epsilons]
+    eps_names = [epsilon_name(e) for e in epsilons]
     lines = [f"# {spec.title}", ""]
     lines += [
         (

@@ -1,9 +1,11 @@
 """A short training run on real data (Kvasir-SEG) learns to segment polyps.
 
 Settings: 128 training / 32 validation images of the fixed split (split.json), 64x64, a small BasicUNet,
-Adam 1e-3, FGSM augmentation (the bundle default), 6 epochs; about half a minute on 2 CPU cores.
+Adam 1e-3, appended FGSM copies (``adv#recipe paper``), 6 epochs; about half a minute on 2 CPU cores.
 Observed on the development machine: validation mean IoU 0.245 after epoch 1, 0.33-0.34 after epochs
-5-6, against 0 for an all-background and 0.17 for an all-foreground prediction.
+5-6, against 0 for an all-background and 0.17 for an all-foreground prediction. The recipe is pinned: the
+bundle's default is chosen by the recipe study and robust recipes learn more slowly (N-FGSM at 2/255 reached
+0.23 after 6 epochs here), which is the study's business, not this test's.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def test_short_training_on_kvasir_beats_trivial_predictions(
         config_file=str(bundle.train_json), workflow_type="train", logging_file=False,
         bundle_root=str(tmp_path), dataset_dir=str(kvasir_dir), image_size=64, features=[8, 8, 16, 32, 64, 8],
         max_train=128, max_val=32, batch_size=16, max_epochs=EPOCHS, learning_rate=1e-3,
+        **{"adv#recipe": "paper"},
     )  # fmt: skip
     workflow.initialize()
     # the fixed split.json of the dataset is used, in its order

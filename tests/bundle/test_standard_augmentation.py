@@ -53,6 +53,43 @@ def test_standard_augmentation_keeps_labels_integer_and_changes_images():
     assert sum(isinstance(t, RandFlipd) for t in volume) == 3
 
 
+def test_value_range_clips_the_noisy_images_back_into_the_intensity_range():
+    from monai.transforms import Compose
+
+    image = torch.rand(3, 32, 32)
+    image[:, :4] = 1.0  # at the edges of the range the noise leaves it
+    image[:, -4:] = 0.0
+    sample = {"image": image, "label": torch.zeros(1, 32, 32)}
+    unclipped, clipped = Compose(training_augmentation("standard")), Compose(
+        training_augmentation("standard", value_range=(0.0, 1.0))
+    )
+    lows, highs = [], []
+    for seed in range(12):  # noise has probability 0.3
+        unclipped.set_random_state(seed=seed)
+        clipped.set_random_state(seed=seed)
+        free, bounded = unclipped(dict(sample))["image"], clipped(dict(sample))["image"]
+        lows.append(float(free.min()))
+        highs.append(float(free.max()))
+        assert 0.0 <= float(bounded.min()) and float(bounded.max()) <= 1.0
+        inside = (free >= 0) & (free <= 1)
+        assert torch.equal(torch.as_tensor(bounded)[inside], torch.as_tensor(free)[inside])  # clipping only
+    assert min(lows) < 0.0 or max(highs) > 1.0  # without it the noise leaves [0, 1]
+    with pytest.raises(ValueError, match="value_range"):
+        training_augmentation("none", value_range=(1.0, 0.0))
+
+
+def test_standard_augmentation_trains_with_an_attack_that_clamps_to_the_range(bundle, tmp_path):
+    """--augment standard with a recipe whose attack clamps to [0, 1] (clamp=range) on real photographs, whose
+    intensities reach both ends of the range (the synthetic images stay inside [0.19, 0.94])."""
+    kvasir = bundle.shared_dir / "data" / "kvasir_seg"
+    if not (kvasir / "split.json").is_file():
+        pytest.skip(f"Kvasir-SEG is not available (missing {kvasir / 'split.json'})")
+    settings = {"augment": "standard", "adv#recipe": "nfgsm", "max_epochs": 1, "dataset_dir": kvasir}
+    run = bundle.train(tmp_path / "bundle", settings)
+    assert (run.root / "models" / "model.pt").is_file(), run.describe()
+    assert "outside value_range" not in run.output
+
+
 def test_unknown_augmentation_is_refused_naming_the_choices(bundle, tmp_path):
     with pytest.raises(ValueError, match="standard"):
         training_augmentation("strong")

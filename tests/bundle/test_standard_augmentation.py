@@ -60,8 +60,9 @@ def test_value_range_clips_the_noisy_images_back_into_the_intensity_range():
     image[:, :4] = 1.0  # at the edges of the range the noise leaves it
     image[:, -4:] = 0.0
     sample = {"image": image, "label": torch.zeros(1, 32, 32)}
-    unclipped, clipped = Compose(training_augmentation("standard")), Compose(
-        training_augmentation("standard", value_range=(0.0, 1.0))
+    unclipped, clipped = (
+        Compose(training_augmentation("standard")),
+        Compose(training_augmentation("standard", value_range=(0.0, 1.0))),
     )
     lows, highs = [], []
     for seed in range(12):  # noise has probability 0.3

@@ -124,9 +124,12 @@ class _Run:
     def iou(self, logits: torch.Tensor) -> torch.Tensor:
         return per_image_iou(logits, self.target_for(logits))
 
+    def clamp(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.bounds is None else torch.clamp(x, self.bounds[0], self.bounds[1])
+
     def project(self, x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
         if not self.spec.project:  # N-FGSM: only the value bounds
-            return x if self.bounds is None else torch.maximum(torch.minimum(x, self.bounds[1]), self.bounds[0])
+            return self.clamp(x)
         return project_and_clamp(x, self.images, radius, self.bounds)
 
     def random_start(self, radius: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -160,7 +163,9 @@ def _sign_stage(run: _Run, x, radius, steps, first_step, total_steps, best, fina
         result = run.gradient(x, first_step + index, total_steps)
         if final and best is not None:
             best.offer(x, run.iou(result.logits))
-        x = run.project(signed_gradient_step(x, result.gradient, step, run.spec.direction), radius)
+        stepped = signed_gradient_step(x, result.gradient, step, run.spec.direction)
+        # FGSM: one step of the radius from the clean images ends in the ball, so only the value bounds apply
+        x = run.clamp(stepped) if x is run.images and step is radius else run.project(stepped, radius)
     return x
 
 
@@ -313,10 +318,8 @@ def run_attack(
                 if chosen is None:
                     chosen = _Best(images)
                 chosen.offer(x, iou_last)
-            else:
-                chosen = _Best(x)
-        assert chosen is not None
-        adversarial = chosen.images
+        # one restart and no IoU: the last point as it is (no copy)
+        adversarial = chosen.images if chosen is not None else x
         # without a random start the first gradient pass ran at the clean images: its loss is the clean loss
         loss_before = run.first_loss if not spec.random_start and run.first_loss is not None else _loss_at(run, images)
         loss_after = _loss_at(run, adversarial) if return_loss_after else None
@@ -325,7 +328,7 @@ def run_attack(
         epsilon=eps,
         loss_before=loss_before,
         loss_after=loss_after,
-        iou=chosen.iou if need_iou else None,
+        iou=chosen.iou if chosen is not None else None,
     )
 
 

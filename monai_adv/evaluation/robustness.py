@@ -47,6 +47,7 @@ from torch import nn
 
 from monai_adv.attacks import AttackSpec, LossFunction, check_epsilons, gradient_sign_sweep, run_attack
 from monai_adv.attacks.gradient_sign import clamp_bounds, project_and_clamp
+from monai_adv.attacks.losses import channel_argmax
 from monai_adv.data.datalist import case_id
 from monai_adv.evaluation.figures import plot_robustness_curve, save_example_grid
 from monai_adv.evaluation.inferer import InfererNetwork
@@ -382,7 +383,7 @@ class RobustnessEvaluator(Engine):
         """One-hot predictions and labels ``(B, K, *spatial)``, through the bundle's postprocessing when given."""
         if self.postprocessing is None:
             k = max(self.num_classes, 2)
-            index = (logits > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1, keepdim=True)
+            index = (logits > 0).long() if logits.shape[1] == 1 else channel_argmax(logits, keepdim=True)
             return one_hot(index, k), one_hot(labels.round().long(), k)
         items = decollate_batch({"pred": logits, "label": labels})
         out = [self.postprocessing(item) for item in items]

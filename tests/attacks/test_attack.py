@@ -109,6 +109,18 @@ def test_sigmoid_head_is_the_two_class_softmax():
     assert torch.allclose(per_image_iou(z.detach(), target), inter / union)
 
 
+def test_channel_argmax_is_argmax_with_the_first_maximum_on_ties():
+    from monai_adv.attacks.losses import channel_argmax
+
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(4, 2, 8, 8), (2, 3, 4, 5, 6)]:
+        values = torch.randn(shape, generator=generator).round()  # integers: many ties
+        values[0, :, 0, 0] = 1.0  # a tie over every channel
+        assert torch.equal(channel_argmax(values), values.argmax(dim=1))
+        assert torch.equal(channel_argmax(values, keepdim=True), values.argmax(dim=1, keepdim=True))
+        assert int(channel_argmax(values)[0, 0, 0].flatten()[0]) == 0
+
+
 def test_apgd_checkpoints_follow_the_paper():
     assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
     assert all(0 < c < 10 for c in apgd_checkpoints(10))

@@ -102,7 +102,9 @@ def _loss_segpgd(logits, target, step, num_steps):
 
 def _loss_cospgd(logits, target, step, num_steps):
     probs = torch.softmax(logits, dim=1)
-    cosine = F.cosine_similarity(probs, _one_hot(target, logits.shape[1], probs.dtype), dim=1)
+    # cos(p, onehot(y)) = p_y / |p|: the same value as F.cosine_similarity, which on a CPU takes 100x longer over
+    # the channel dimension (13 ms against 0.1 ms for 16x2x64x64); |p| >= 1/sqrt(K), so no epsilon is needed
+    cosine = probs.gather(1, target.unsqueeze(1)).squeeze(1) * torch.rsqrt(probs.square().sum(dim=1))
     return _mean_per_image(cosine.detach() * _ce(logits, target))
 
 

@@ -160,6 +160,19 @@ RECIPES: dict[str, dict[str, Any]] = {
         **_NFGSM,
         "replace_fraction": 0.5,
     },
+    "nfgsm_eps2_mixed": {
+        "_desc_": "N-FGSM at 2/255 on half of each batch, the other half clean: less robustness bought for less "
+        "clean IoU",
+        **_NFGSM,
+        "epsilon": 2 / 255,
+        "replace_fraction": 0.5,
+    },
+    "nfgsm_eps1_mixed": {
+        "_desc_": "N-FGSM at 1/255 on half of each batch, the other half clean: the mildest robust recipe",
+        **_NFGSM,
+        "epsilon": 1 / 255,
+        "replace_fraction": 0.5,
+    },
     "fgsm_rs": {
         "_desc_": "FGSM with a random start and a step of 1.25e, projected (Wong et al. 2020), adversarial-only",
         "epsilon": _ROBUST_EPSILON,

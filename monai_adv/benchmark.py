@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from monai_adv.hardware import cpu_bf16_instructions, cpu_model
+
 __all__ = ["Figure", "main", "run_benchmark"]
 
 
@@ -330,13 +332,8 @@ def _quiet_evaluator() -> Iterator[None]:
 
 def _cpu_bf16_instructions() -> str:
     """The CPU's bfloat16 instruction sets (Linux ``/proc/cpuinfo`` flags), for the notes of the bf16 figures."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-    found = sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
-    return ", ".join(found) if found else "none"
+    found = cpu_bf16_instructions()
+    return "unknown" if found is None else (", ".join(found) or "none")
 
 
 _CPU_BF16_NAMES = {
@@ -803,7 +800,7 @@ def _machine(device: torch.device) -> dict:
 
     machine = {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -255,6 +255,7 @@ def test_volume_datalists_name_files_the_bundle_finds_from_a_relative_dataset_di
         listed = json.loads(path.read_text())
         items = listed["training"] + listed["validation"]
         assert len(items) == 5
+        assert listed["labels"] == {"0": "background", "1": "a", "2": "b"}  # the bundle's per-class keys read them
         for item in items:
             for key in ("image", "label"):
                 assert (path.parent / item[key]).is_file(), (path, item[key])

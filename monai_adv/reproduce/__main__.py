@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import re
 import shlex
 import subprocess
@@ -18,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from monai_adv.hardware import machine_summary
 from monai_adv.reproduce.pipeline import Reproduction
 from monai_adv.reproduce.profiles import PROFILES
 from monai_adv.reproduce.report import write_report
@@ -50,13 +49,8 @@ def code_version() -> str:
 
 
 def machine() -> str:
-    import monai
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, {device}; Python "
-            f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"MONAI {monai.__version__}")  # fmt: skip
+    """The machine line of a results page (:func:`monai_adv.hardware.machine_summary`)."""
+    return machine_summary()
 
 
 def dataset_citation(dataset_dir: Path) -> str | None:

@@ -253,10 +253,18 @@ class StudyRunner:
 
     def _datalists(self, prepared: dict[str, list[dict]], start: float) -> dict[str, Path]:
         (self.work_dir / "data").mkdir(parents=True, exist_ok=True)
+        # a Decathlon dataset.json's class names go with the datalists: the bundle keys its per-class scores by them
+        decathlon = self.dataset_dir / "dataset.json"
+        labels = json.loads(decathlon.read_text()).get("labels") if decathlon.is_file() else None
         datalists = {}
         for name in ("validation", "test"):
             path = self.work_dir / "data" / f"datalist_{name}.json"
-            path.write_text(json.dumps({"training": prepared["train"], "validation": prepared[name]}, indent=1))
+            listed = {
+                "training": prepared["train"],
+                "validation": prepared[name],
+                **({"labels": labels} if labels else {}),
+            }
+            path.write_text(json.dumps(listed, indent=1))
             datalists[name] = path
         self.counts = {k: len(v) for k, v in prepared.items()}
         self.timings["prepare data"] = time.perf_counter() - start

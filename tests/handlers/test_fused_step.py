@@ -184,6 +184,28 @@ def test_amp_trainer_on_cpu_runs_bfloat16_autocast(data, make_basic_unet, traine
             torch.testing.assert_close(p, q, rtol=0.05, atol=0.02)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_amp_on_a_cpu_without_bfloat16_instructions_warns_once(
+    native, data, make_basic_unet, trainer_for, monkeypatch, caplog
+):
+    """Emulated bfloat16 (no avx512_bf16/amx_bf16) is tens of times slower than float32: the step says so, once."""
+    from monai_adv.engines import adversarial_step
+
+    monkeypatch.setattr(adversarial_step, "cpu_has_native_bf16", lambda: native)
+    adversarial_step._warn_if_bf16_emulated.cache_clear()
+    images, labels = data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GradScaler on a machine without CUDA
+        handler = AdversarialAugmentationHandler(transforms_for("fgsm", network_mode="train"))
+        trainer = trainer_for(images[:4], labels[:4], make_basic_unet(seed=5), handler, amp=True, max_epochs=2)
+    with caplog.at_level("WARNING", logger="monai_adv.AdversarialTrainingStep"):
+        trainer.run()
+    adversarial_step._warn_if_bf16_emulated.cache_clear()
+    found = [r.getMessage() for r in caplog.records if "without bfloat16 instructions" in r.getMessage()]
+    assert len(found) == (0 if native else 1), found
+    assert native or "--amp false" in found[0]
+
+
 def test_batchnorm_network_attacks_separately_in_eval_mode_and_warns_when_fused(data, trainer_for):
     images, labels = data
     network = torch.nn.Sequential(

@@ -9,6 +9,7 @@ while one runs; the lock of a process that no longer runs is taken over with a w
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -44,6 +45,42 @@ RESUMABLE_SETTINGS = ("max_epochs", "val_interval", "num_workers", "adv#track_lo
 logger = logging.getLogger(__name__)
 # the trainers' MLflow handlers of this process (prepare_mlflow_handlers), closed as KILLED on SIGTERM
 _TRACKED_HANDLERS: list[Any] = []
+# (client, run id) of runs whose KILLED status could not be written from the SIGTERM handler: written at exit
+_KILLED_AT_EXIT: list[tuple[Any, str]] = []
+
+
+def close_as_killed(client: Any, run_id: str) -> bool:
+    """Mark an MLflow run KILLED; if that fails (the signal came in the middle of a write to the same store, which
+    the handler cannot reenter), try again at exit, once the interrupted call has unwound.
+
+    Args:
+        client: an ``MlflowClient``, or the :class:`~monai_adv.bundle.tracking.TrackingGuard` around one (the raw
+            client is used: the guard turns a failure into the stop that is already under way).
+        run_id: the run to close.
+
+    Returns:
+        Whether the run was closed now.
+    """
+    raw = getattr(client, "client", client)
+    try:
+        raw.set_terminated(run_id, "KILLED")
+        return True
+    except Exception as err:  # noqa: BLE001 - any failure here is retried at exit
+        logger.debug("MLflow run %s not closed as KILLED from the signal handler (%s): retried at exit", run_id, err)
+        if not _KILLED_AT_EXIT:
+            atexit.register(close_killed_runs)
+        _KILLED_AT_EXIT.append((raw, run_id))
+        return False
+
+
+def close_killed_runs() -> None:
+    """Close the runs :func:`close_as_killed` could not (at exit; quietly: the stop's line stays the last one)."""
+    while _KILLED_AT_EXIT:
+        client, run_id = _KILLED_AT_EXIT.pop(0)
+        try:
+            client.set_terminated(run_id, "KILLED")
+        except Exception as err:  # noqa: BLE001 - nothing more can be done at exit; the run stays RUNNING
+            logger.debug("MLflow run %s could not be closed as KILLED: %s", run_id, err)
 
 
 def _comparable(value: Any) -> Any:
@@ -211,8 +248,8 @@ class TrainingRun:
         for handler in _TRACKED_HANDLERS:
             run = getattr(handler, "cur_run", None)
             if run is not None:
-                handler.client.set_terminated(run.info.run_id, "KILLED")
                 handler.cur_run = None  # MONAI's close() must not mark it FINISHED
+                close_as_killed(handler.client, run.info.run_id)
         raise stop
 
     def finish(self) -> None:

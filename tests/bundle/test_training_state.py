@@ -216,3 +216,33 @@ def test_sigterm_stops_training_cleanly(bundle, tmp_path):
     epoch = int(Path(checkpoint).stem.split("=")[1])
     resumed = bundle.train(root, {"max_epochs": epoch + 1, "adv#method": "fgsm", "resume": "true"}, tracking="mlflow")
     assert f"Epoch[{epoch + 1}] Metrics" in resumed.output, resumed.describe()
+
+
+def test_a_run_the_signal_handler_cannot_close_is_closed_as_killed_at_exit(tmp_path, monkeypatch):
+    """SIGTERM in the middle of a write to the SQLite store: the handler's own write fails (the store is locked by
+    the call it interrupted), and the run is closed as KILLED at exit instead of staying RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from monai_adv.bundle import training_run
+
+    monkeypatch.setattr(training_run, "_KILLED_AT_EXIT", [])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("interrupted")
+    runs = [client.create_run(experiment).info.run_id for _ in range(2)]
+
+    class LockedOnce:  # the store while the interrupted write holds it
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def set_terminated(self, *args):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("(sqlite3.OperationalError) database is locked")
+            return self.inner.set_terminated(*args)
+
+    assert training_run.close_as_killed(client, runs[0])  # the usual case: closed at once
+    assert client.get_run(runs[0]).info.status == "KILLED"
+    assert not training_run.close_as_killed(LockedOnce(client), runs[1])
+    assert client.get_run(runs[1]).info.status == "RUNNING"
+    training_run.close_killed_runs()  # what atexit runs
+    assert client.get_run(runs[1]).info.status == "KILLED" and not training_run._KILLED_AT_EXIT

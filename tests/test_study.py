@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from monai_adv.errors import SettingsError
+from monai_adv.hardware import cpu_model
 from monai_adv.study import choose_default, load_study, paired_bootstrap, plateau_epoch
 from monai_adv.study.report import step_ratio, summarize
 
@@ -103,6 +104,7 @@ def test_smoke_study_runs_each_arm_once_and_reports_what_its_files_say(dataset, 
     assert (output / "smoke" / "pareto.png").stat().st_size > 0 and "smoke/pareto.png" in page
     assert "## The default" in page and "`fgsm`" in page
     assert "- code the arms ran with: " in page and "(unet, fgsm, offline, finetune)" in page
+    assert f"- machines the arms trained on: {cpu_model()}, " in page  # seconds and ratios hold on that machine
 
     # the study's choice becomes the default of (a copy of) the bundle
     bundle_copy = tmp_path / "bundle"

@@ -17,7 +17,7 @@ from monai_adv.attacks.gradient_sign import (
 )
 from monai_adv.attacks.losses import attack_loss, per_image_iou
 from monai_adv.attacks.network_state import NetworkMode, preserved_network_state, unwrap_network
-from monai_adv.attacks.spec import ATTACK_LOSSES, SCHEDULES, AttackSpec
+from monai_adv.attacks.spec import ATTACK_LOSSES, SCHEDULES, AttackSpec, check_value_range
 from monai_adv.attacks.sweep import check_epsilons, gradient_sign_sweep, sweep_from_gradient
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "apgd_checkpoints",
     "attack_loss",
     "check_epsilons",
+    "check_value_range",
     "clamp_bounds",
     "gradient_sign_attack",
     "gradient_sign_sweep",

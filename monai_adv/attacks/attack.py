@@ -37,14 +37,13 @@ from monai_adv.attacks.gradient_sign import (
     _per_sample,
     _prediction,
     _validate_types_and_shapes,
-    _value_range,
     objective_gradient,
     project_and_clamp,
     signed_gradient_step,
 )
 from monai_adv.attacks.losses import as_class_index, attack_loss, per_image_iou
 from monai_adv.attacks.network_state import preserved_network_state, unwrap_network
-from monai_adv.attacks.spec import AttackSpec
+from monai_adv.attacks.spec import AttackSpec, check_value_range
 
 __all__ = ["apgd_checkpoints", "run_attack"]
 
@@ -157,6 +156,9 @@ def _sign_stage(run: _Run, x, radius, steps, first_step, total_steps, best, fina
     step = torch.full_like(radius, run.spec.step_size) if run.spec.step_size is not None else None
     if run.spec.relative_step is not None:
         step = run.eps * run.spec.relative_step  # of epsilon, not of this stage's radius
+    # FGSM (one step of the whole radius from the clean images, no random start) ends in the ball by construction,
+    # so only the value bounds apply: the projection would be a no-op costing two passes over the batch
+    ends_in_ball = step is None and steps == 1 and total_steps == 1 and x is run.images
     if step is None:
         step = radius if steps == 1 and total_steps == 1 else radius * (2.5 / steps)
     for index in range(steps):
@@ -164,8 +166,7 @@ def _sign_stage(run: _Run, x, radius, steps, first_step, total_steps, best, fina
         if final and best is not None:
             best.offer(x, run.iou(result.logits))
         stepped = signed_gradient_step(x, result.gradient, step, run.spec.direction)
-        # FGSM: one step of the radius from the clean images ends in the ball, so only the value bounds apply
-        x = run.clamp(stepped) if x is run.images and step is radius else run.project(stepped, radius)
+        x = run.clamp(stepped) if ends_in_ball else run.project(stepped, radius)
     return x
 
 
@@ -281,7 +282,7 @@ def run_attack(
     stats = _batch_statistics(images, labels, eps)
     bounds = _bounds(images, spec.clamp, spec.value_range, lambda: (stats.image_low, stats.image_high))
     if spec.clamp == "range":
-        low_value, high_value = _value_range(spec.value_range)
+        low_value, high_value = check_value_range(spec.value_range)
         if stats.epsilon_max >= high_value - low_value:
             warnings.warn(
                 f"epsilon {stats.epsilon_max:g} is at least the whole value range ({low_value:g}, {high_value:g}): "

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from monai_adv.attacks.spec import check_value_range
+
 __all__ = [
     "AttackResult",
     "ClampMode",
@@ -396,7 +398,7 @@ def _bounds(
         flat = images.detach().flatten(1)
         low, high = flat.min(dim=1).values, flat.max(dim=1).values
         return _per_sample(low, images.ndim), _per_sample(high, images.ndim)
-    low_value, high_value = _value_range(value_range)
+    low_value, high_value = check_value_range(value_range)
     found_low, found_high = image_range()
     tolerance = _RANGE_TOLERANCE * (high_value - low_value)
     if found_low < low_value - tolerance or found_high > high_value + tolerance:
@@ -409,13 +411,6 @@ def _bounds(
     low = torch.full((), low_value, dtype=images.dtype, device=images.device)
     high = torch.full((), high_value, dtype=images.dtype, device=images.device)
     return low, high
-
-
-def _value_range(value_range: Sequence[float]) -> tuple[float, float]:
-    low_value, high_value = (float(v) for v in value_range)
-    if not (math.isfinite(low_value) and math.isfinite(high_value) and low_value < high_value):
-        raise ValueError(f"value_range must be finite (low, high) with low < high, got {tuple(value_range)}.")
-    return low_value, high_value
 
 
 def clamp_bounds(

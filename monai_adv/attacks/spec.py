@@ -25,6 +25,7 @@ __all__ = [
     "SCHEDULES",
     "ZERO_GRADIENT_ACTIONS",
     "AttackSpec",
+    "check_value_range",
 ]
 
 #: ``"ascend"`` (FGSM: raise the loss) or ``"descend"`` (Inverse FGSM: lower it).
@@ -114,6 +115,28 @@ def create_dataclass(cls: type, source: Any, options: Mapping[str, Any], what: s
     if unknown:
         raise TypeError(f"unknown {what} option(s) {unknown}: the options are {sorted(names)}.")
     return cls(**base)
+
+
+def check_value_range(value_range: Any, owner: str = "value_range") -> tuple[float, float]:
+    """The ``(low, high)`` of a value range, checked once for every owner (attacks, clamps, training augmentation).
+
+    Args:
+        value_range: two numbers, ``low < high``, both finite.
+        owner: what the message names (``"attack option value_range"``, ...).
+
+    Returns:
+        ``(low, high)`` as floats.
+
+    Raises:
+        ValueError: naming ``owner`` and the value, when it is not two finite numbers with ``low < high``.
+    """
+    try:
+        low, high = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner} must be finite (low, high) with low < high, got {value_range!r}.") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"{owner} must be finite (low, high) with low < high, got {(low, high)}.")
+    return low, high
 
 
 @dataclass(frozen=True)
@@ -223,15 +246,7 @@ class AttackSpec:
         put(self, "restarts", _positive_int("restarts", self.restarts))
         put(self, "keep_best", _as_bool("keep_best", self.keep_best))
         put(self, "clamp", _choice("clamp", self.clamp, CLAMP_MODES))
-        try:
-            low, high = (float(v) for v in self.value_range)
-        except (TypeError, ValueError):
-            raise ValueError(f"attack option value_range must be (low, high), got {self.value_range!r}.") from None
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(
-                f"attack option value_range must be finite (low, high) with low < high, got {(low, high)}."
-            )
-        put(self, "value_range", (low, high))
+        put(self, "value_range", check_value_range(self.value_range, "attack option value_range"))
         put(self, "network_mode", _choice("network_mode", self.network_mode, NETWORK_MODES))
         put(self, "amp", _as_bool("amp", self.amp))
         put(self, "on_zero_gradient", _choice("on_zero_gradient", self.on_zero_gradient, ZERO_GRADIENT_ACTIONS))

@@ -16,6 +16,8 @@ from monai.transforms import (
 from monai.transforms.transform import MapTransform
 from monai.utils import look_up_option
 
+from monai_adv.attacks.spec import check_value_range
+
 __all__ = ["AUGMENTATIONS", "training_augmentation"]
 
 AUGMENTATIONS = ("none", "standard")
@@ -51,12 +53,7 @@ def training_augmentation(
     name = look_up_option(str(name).strip().lower(), AUGMENTATIONS)
     clip: list[MapTransform] = []
     if value_range is not None:
-        try:
-            low, high = (float(v) for v in value_range)
-        except (TypeError, ValueError):
-            raise ValueError(f"training_augmentation: value_range must be (low, high), got {value_range!r}.") from None
-        if not low < high:
-            raise ValueError(f"training_augmentation: value_range must have low < high, got {(low, high)}.")
+        low, high = check_value_range(value_range, "training_augmentation: value_range")
         # an identity scaling that clips: MONAI's way of bounding intensities
         clip = [ScaleIntensityRanged(keys=keys[0], a_min=low, a_max=high, b_min=low, b_max=high, clip=True)]
     if name == "none":

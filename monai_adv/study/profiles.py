@@ -72,7 +72,8 @@ PROFILES: dict[str, Profile] = {
         description="MSD Task04 Hippocampus volumes (configs/hippocampus.json: RAS, per-volume z-scoring, 48x64x48 "
         "padding, 32^3 training patches) sized for a 2-core CPU: 3D BasicUNet 8-64 features, Dice+CE, Adam 1e-3, "
         "batch 4 volumes x 2 patches, 30 epochs, trained under bfloat16 autocast (--amp true: a 3D training step "
-        "takes 0.41x the time of float32 on this CPU; robustness is evaluated in float32, and the unet_fp32 arm "
+        "takes 0.41x the time of float32 on a CPU with AVX-512 BF16/AMX, but 30x on one without, where bf16 is "
+        "emulated and the step warns; robustness is evaluated in float32, and the unet_fp32 arm "
         "checks that bf16 leaves the result as it is); validation, evaluation and attacks through a SlidingWindowInferer "
         "with one 48x64x48 window (the padded volume: a third of the time of the bundle's twelve 32^3 windows); "
         "iterative attacks with 10 steps; epsilons in units of each volume's intensity standard deviation",

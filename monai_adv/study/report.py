@@ -185,6 +185,16 @@ def _code_versions(summary: Mapping[str, Any]) -> str:
     return "; ".join(f"{v} ({', '.join(a)})" for v, a in arms_by_code.items()) or "none yet"
 
 
+def _machines(summary: Mapping[str, Any]) -> str:
+    """``machine (arm, arm...); ...``: where each arm's runs trained (results recorded before this was kept: "not
+    recorded")."""
+    arms_by_machine: dict[str, list[str]] = {}
+    for name, entry in summary["arms"].items():
+        for found in entry.get("machines", []):
+            arms_by_machine.setdefault(found, []).append(name)
+    return "; ".join(f"{m} ({', '.join(a)})" for m, a in arms_by_machine.items()) or "none yet"
+
+
 def summarize(results: Mapping[str, Any], spec: StudySpec) -> dict[str, Any]:
     """Per arm: scores over seeds, cost, and the paired differences against its control.
 
@@ -209,6 +219,7 @@ def summarize(results: Mapping[str, Any], spec: StudySpec) -> dict[str, Any]:
             "control": arm.control,
             "candidate": arm.candidate,
             "code": sorted({str(runs[s].get("code") or "unknown") for s in seeds}),
+            "machines": sorted({str(runs[s].get("machine") or "not recorded") for s in seeds}),
             "checks_failed": sorted(
                 {k for s in seeds for k, c in runs[s].get("checks", {}).items() if c.get("passed") is False}
             ),
@@ -428,7 +439,8 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
         f"- study file: `{context.get('study_file', spec.source)}`",
         f"- code of this call: {context.get('version', 'unknown')}",
         f"- code the arms ran with: {_code_versions(summary)}",
-        f"- machine: {context.get('machine', 'unknown')}",
+        f"- machine of this call: {context.get('machine', 'unknown')}",
+        f"- machines the arms trained on: {_machines(summary)}",
         f"- data: `{context.get('dataset_dir', '')}` ({', '.join(f'{k} {v}' for k, v in context.get('counts', {}).items())} images)",
         f"- seeds: {', '.join(str(s) for s in results.get('seeds', []))}",
         (
@@ -566,10 +578,9 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
         overrides = " ".join(
             f"--{k} {json.dumps(v) if not isinstance(v, str) else v}" for k, v in arm.overrides.items()
         )
-        lines.append(
-            f"- `{arm.name}`: {arm.description or arm.label}. `{overrides}`"
-            + (f"; {'; '.join(extra)}" if extra else "")
-        )
+        text = arm.description or arm.label
+        text = text if text.endswith(("?", ".")) else text + "."
+        lines.append(f"- `{arm.name}`: {text} `{overrides}`" + (f"; {'; '.join(extra)}" if extra else ""))
     lines += ["", "<details><summary>Every workflow of this call</summary>", "", "```"]
     lines += list(dict.fromkeys(context.get("commands", [])))
     lines += ["```", "", "</details>", ""]

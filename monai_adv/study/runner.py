@@ -20,6 +20,7 @@ from typing import Any
 
 from monai_adv.engines.recipes import recipe_preset
 from monai_adv.errors import SettingsError
+from monai_adv.hardware import machine_summary
 from monai_adv.study.profiles import PROFILES, Profile
 from monai_adv.study.spec import Arm, StudySpec
 
@@ -353,6 +354,7 @@ class StudyRunner:
         collected["robustness_seconds"] = seconds["robustness"]
         collected["fingerprint"] = fingerprint
         collected["code"] = self.code_version
+        collected["machine"] = machine_summary()  # the seconds and step ratios hold on this machine
         self.results["arms"].setdefault(arm.name, {})[str(seed)] = collected
         self.results.update({"counts": self.counts, "study": self.spec.name})
         self.results["seeds"] = sorted({int(s) for runs in self.results["arms"].values() for s in runs})

@@ -231,3 +231,18 @@ def test_default_fgsm_is_unchanged(trained, reference_fgsm):
     ours = run_attack(net, images, labels, AttackSpec(epsilon=0.03), loss).images
     assert torch.equal(ours, reference_fgsm(net, loss, images, labels, 0.03, +1))
     assert math.isclose(float((ours - images).abs().max()), 0.03, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [(1.0, 0.0), (0.0, float("inf")), (0.5, 0.5), (0.0,), "ab"])
+def test_every_value_range_owner_refuses_the_same_bad_ranges(bad):
+    """One check for attacks, clamps and the training augmentation: each names itself and the value."""
+    from monai_adv.attacks import check_value_range, clamp_bounds
+    from monai_adv.data import training_augmentation
+
+    assert check_value_range((0, 255)) == (0.0, 255.0)
+    with pytest.raises(ValueError, match=r"^attack option value_range must be finite \(low, high\)"):
+        AttackSpec(value_range=bad)
+    with pytest.raises(ValueError, match=r"^training_augmentation: value_range must be finite"):
+        training_augmentation("standard", keys=("image", "label"), value_range=bad)
+    with pytest.raises(ValueError, match=r"^value_range must be finite"):
+        clamp_bounds(torch.zeros(1, 1, 2, 2), "range", bad)

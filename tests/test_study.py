@@ -129,6 +129,23 @@ def test_smoke_study_runs_each_arm_once_and_reports_what_its_files_say(dataset, 
         json.loads((output / "smoke" / "summary.json").read_text())["summary"]["arms"]["fgsm"]["clean_iou"]
         == (summary["arms"]["fgsm"]["clean_iou"])
     )
+    # a clean evaluation added to the study scores the models there are again, and trains nothing
+    evaluated = smoke_study()
+    evaluated["clean_evaluations"] = {"seed1": {"label": "another seed", "overrides": {"seed": 1}}}
+    study.write_text(json.dumps(evaluated))
+    fourth = _run(study, dataset, output)
+    assert (fourth.stderr + fourth.stdout).count("not run again") == 4
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("model.pt")} == trained
+    page = (output / "smoke.md").read_text()
+    assert "## Clean test scores: another seed" in page
+    raw = json.loads((output / "smoke" / "raw_results.json").read_text())
+    for arm in ("unet", "fgsm", "offline", "finetune"):
+        with open(runs / arm / "clean_seed1" / "metrics.csv") as stream:
+            written = dict(csv.reader(stream))
+        recorded = raw["arms"][arm]["0"]["clean_evaluations"]["seed1"]["metrics"]
+        assert recorded["val_mean_dice"] == pytest.approx(float(written["val_mean_dice"]))
+        assert f"| `{arm}` | 1 | {float(written['val_mean_dice']):.3f} / " in page
+    study.write_text(json.dumps(smoke_study()))
     # the committed results alone continue a study: without the work folder, nothing trains
     elsewhere = _run(study, dataset, output, "--work_dir", str(tmp_path / "other_work"))
     assert (elsewhere.stderr + elsewhere.stdout).count("not run again") == 4
@@ -164,6 +181,15 @@ def test_study_file_errors_name_the_file_and_key(tmp_path):
         load_study(path)
     with pytest.raises(FileNotFoundError, match="kvasir_recipes"):
         load_study(tmp_path / "missing.json")
+    for bad, message in (([], "clean_evaluations is"), ({"a b": {}}, r"clean_evaluations\['a b'\] must be"),
+                         ({"w": {"overides": {}}}, r"clean_evaluations\['w'\].*unknown keys \['overides'\]"),
+                         ({"w": {"overrides": [1]}}, r"clean_evaluations\['w'\].overrides must be an object")):  # fmt: skip
+        study = {**smoke_study(), "clean_evaluations": bad}
+        with pytest.raises(SettingsError, match=message):
+            load_study(study)
+    assert load_study("hippocampus_recipes").clean_evaluations["bundle_windows"]["overrides"] == {
+        "validate#inferer#roi_size": [32, 32, 32]
+    }
     spec = load_study(smoke_study())
     assert [a.name for a in spec.select(["finetune"])] == ["unet", "finetune"]  # with what it builds on
     with pytest.raises(SettingsError, match="--arms"):

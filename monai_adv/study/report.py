@@ -358,6 +358,38 @@ def _per_class_table(results: Mapping[str, Any], spec: StudySpec, epsilons: Sequ
     return lines
 
 
+def _clean_evaluation_tables(results: Mapping[str, Any], spec: StudySpec) -> list[str]:
+    """Per clean evaluation of the study: each arm's test Dice (per class and mean) from that evaluation beside the
+    study's own clean Dice (the robustness run's epsilon-0 row), mean ± std over the seeds that have both."""
+    lines: list[str] = []
+    keys = _class_keys(results)
+    classes = [k[len("dice_") :] for k in keys]
+    for name, item in spec.clean_evaluations.items():
+        columns = [(f"val_dice_{c}", f"dice_{c}", c) for c in classes]
+        columns.append(("val_mean_dice", "mean_dice", "mean over the foreground classes" if classes else "foreground"))
+        header = ["arm", "seeds", *[f"Dice {label} (this evaluation / the study's)" for _, _, label in columns]]
+        rows = []
+        for arm in spec.arms:
+            runs = results["arms"].get(arm.name) or {}
+            seeds = [s for s in sorted(runs, key=int) if name in runs[s].get("clean_evaluations", {})]
+            if not seeds:
+                continue
+            cells = [f"`{arm.name}`", str(len(seeds))]
+            for metric, row_key, _ in columns:
+                ours = [runs[s]["clean_evaluations"][name]["metrics"][metric] for s in seeds]
+                study = [clean_score(runs[s], row_key) for s in seeds]
+                cells.append(f"{_fmt(ours)} / {_fmt(study)}")
+            rows.append("| " + " | ".join(cells) + " |")
+        if not rows:
+            continue
+        overrides = " ".join(f"--{k} {json.dumps(v)}" for k, v in item.get("overrides", {}).items())
+        lines += ["", f"## Clean test scores: {item.get('label', name)}", "",
+                  (f"The same models scored again on the test split by `run evaluating` with `{overrides}`, beside "
+                   "the study's clean scores (the robustness run's unattacked row)."), "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *rows]  # fmt: skip
+    return lines
+
+
 def _plot_pareto(summary: Mapping[str, Any], path: Path) -> Path:
     from monai_adv.evaluation.figures import agg_pyplot
 
@@ -506,6 +538,7 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
         ),
     ]
     lines += _per_class_table(results, spec, epsilons, eps_names)
+    lines += _clean_evaluation_tables(results, spec)
     compared = {n: e for n, e in summary["arms"].items() if e.get("vs_control")}
     if compared:
         lines += ["", "## Against the compute-matched control", ""]

@@ -339,6 +339,8 @@ class StudyRunner:
         if not force and known is not None and known.get("fingerprint") == fingerprint:
             logger.info("results of %s, seed %d, are in %s: not run again", arm.name, seed, self.results_file)
             self.resumed.append(f"{arm.name} (seed {seed}): results file")
+            if self._clean_evaluations(arm, seed, known):
+                self._save_results()
             return known
         for other in arm.depends_on:
             if not (self.root(seed, other) / "models" / "model.pt").is_file():
@@ -355,14 +357,48 @@ class StudyRunner:
         collected["fingerprint"] = fingerprint
         collected["code"] = self.code_version
         collected["machine"] = machine_summary()  # the seconds and step ratios hold on this machine
+        self._clean_evaluations(arm, seed, collected)
         self.results["arms"].setdefault(arm.name, {})[str(seed)] = collected
         self.results.update({"counts": self.counts, "study": self.spec.name})
+        self._save_results()
+        return collected
+
+    def _save_results(self) -> None:
         self.results["seeds"] = sorted({int(s) for runs in self.results["arms"].values() for s in runs})
         self.results_file.parent.mkdir(parents=True, exist_ok=True)
         partial = self.results_file.with_name(self.results_file.name + ".partial")
         partial.write_text(json.dumps(self.results, indent=1))
         os.replace(partial, self.results_file)
-        return collected
+
+    def _clean_evaluations(self, arm: Arm, seed: int, result: dict[str, Any]) -> bool:
+        """Score the arm's model again on the test split for each of the study's ``clean_evaluations`` that
+        ``result`` lacks (``run evaluating`` with its overrides); the scores go into
+        ``result["clean_evaluations"][name]`` as the workflow's ``metrics.csv`` gives them.
+
+        Returns:
+            whether any ran.
+        """
+        done = result.setdefault("clean_evaluations", {})
+        root = self.root(seed, arm.name)
+        ran = False
+        for name, item in self.spec.clean_evaluations.items():
+            if done.get(name, {}).get("settings") == _json_ready(item.get("overrides", {})):
+                continue
+            if not (root / "models" / "model.pt").is_file():
+                logger.warning("%s (seed %d) has no model.pt here: its clean evaluation %r cannot run", arm.name,
+                               seed, name)  # fmt: skip
+                continue
+            settings = {k: v for k, v in self.training_settings(arm, seed, self.datalists["validation"]).items()
+                        if k not in ("augment", "init_ckpt", "resume", "amp")}  # fmt: skip
+            output = root / f"clean_{name}"
+            settings.update({"datalist_file": str(self.datalists["test"]), "output_dir": str(output),
+                             **item.get("overrides", {})})  # fmt: skip
+            seconds = self.step(output / "done.json", "evaluating", ["evaluate.json"], root, False, settings)
+            with open(output / "metrics.csv", newline="") as stream:
+                metrics = {row[0]: float(row[1]) for row in csv.reader(stream) if len(row) == 2}
+            done[name] = {"metrics": metrics, "seconds": seconds, "settings": _json_ready(item.get("overrides", {}))}
+            ran = True
+        return ran
 
     def plan(self, arm: Arm, seed: int) -> list[tuple]:
         """The workflows of one arm and seed: its offline copies (if any), its training, its robustness on the test

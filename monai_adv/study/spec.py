@@ -38,7 +38,7 @@ __all__ = ["STUDIES_DIR", "Arm", "StudySpec", "load_study"]
 
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 _STUDY_KEYS = {"name", "title", "description", "profile", "overrides", "plain_arm", "robustness", "arms", "page",
-               "dataset_dir"}  # fmt: skip
+               "dataset_dir", "clean_evaluations"}  # fmt: skip
 _ARM_KEYS = {"name", "label", "overrides", "offline", "init_from", "control", "candidate", "description"}
 _OFFLINE_KEYS = {"from", "method", "epsilon", "recipe"}
 _ROBUSTNESS_KEYS = {"attacks", "epsilons", "iterative_epsilons", "num_steps", "restarts", "checks", "num_examples",
@@ -80,6 +80,10 @@ class StudySpec:
         arms: the arms, in the order they run for each seed.
         page: the page's file name under ``--output`` (default ``<name>.md``).
         dataset_dir: the data the study is about (``--dataset_dir`` overrides it), as written in the file.
+        clean_evaluations: extra clean ``run evaluating`` passes over the test split, ``{name: {"label": text,
+            "overrides": {...}}}`` (e.g. the bundle's own sliding windows where the profile evaluates through one
+            window): each trained model is scored again with those overrides. They measure, they do not change
+            what is trained or attacked, so adding one runs it for the results there are without running them again.
         source: the study file.
     """
 
@@ -93,6 +97,7 @@ class StudySpec:
     robustness: dict[str, Any] = field(default_factory=dict)
     page: str | None = None
     dataset_dir: str | None = None
+    clean_evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = ""
 
     def arm(self, name: str) -> Arm:
@@ -200,6 +205,17 @@ def load_study(source: str | os.PathLike | dict[str, Any]) -> StudySpec:
                         description=str(item.get("description", ""))))  # fmt: skip
     robustness = dict(raw.get("robustness", {}))
     _unknown(set(robustness), _ROBUSTNESS_KEYS, f"{where}: robustness")
+    evaluations = raw.get("clean_evaluations", {})
+    if not isinstance(evaluations, dict):
+        raise SettingsError(f"{where}: clean_evaluations is {{name: {{'label': ..., 'overrides': {{...}}}}}}.")
+    for key, item in evaluations.items():
+        if not str(key).replace("_", "").isalnum() or not isinstance(item, dict):
+            raise SettingsError(
+                f"{where}: clean_evaluations[{key!r}] must be an object, under a name of letters, digits and _."
+            )
+        _unknown(set(item), {"label", "overrides"}, f"{where}: clean_evaluations[{key!r}]")
+        if not isinstance(item.get("overrides", {}), dict):
+            raise SettingsError(f"{where}: clean_evaluations[{key!r}].overrides must be an object of bundle settings.")
     plain = raw.get("plain_arm")
     if plain is not None and plain not in {a.name for a in arms}:
         raise SettingsError(f"{where}: plain_arm {plain!r} is not an arm.")
@@ -212,5 +228,5 @@ def load_study(source: str | os.PathLike | dict[str, Any]) -> StudySpec:
         name=str(raw["name"]), title=str(raw.get("title", raw["name"])), arms=arms,
         description=str(raw.get("description", "")), profile=profile, overrides=dict(raw.get("overrides", {})),
         plain_arm=plain, robustness=robustness, page=raw.get("page"), dataset_dir=raw.get("dataset_dir"),
-        source=where,
+        clean_evaluations={str(k): dict(v) for k, v in evaluations.items()}, source=where,
     )  # fmt: skip

@@ -71,18 +71,18 @@ PROFILES: dict[str, Profile] = {
         name="hippocampus_cpu",
         description="MSD Task04 Hippocampus volumes (configs/hippocampus.json: RAS, per-volume z-scoring, 48x64x48 "
         "padding, 32^3 training patches) sized for a 2-core CPU: 3D BasicUNet 8-64 features, Dice+CE, Adam 1e-3, "
-        "batch 4 volumes x 2 patches, 30 epochs, trained under bfloat16 autocast (--amp true: a 3D training step "
-        "takes 0.41x the time of float32 on a CPU with AVX-512 BF16/AMX, but 30x on one without, where bf16 is "
-        "emulated and the step warns; robustness is evaluated in float32, and the unet_fp32 arm "
-        "checks that bf16 leaves the result as it is); validation, evaluation and attacks through a SlidingWindowInferer "
-        "with one 48x64x48 window (the padded volume: a third of the time of the bundle's twelve 32^3 windows); "
-        "iterative attacks with 10 steps; epsilons in units of each volume's intensity standard deviation",
+        "batch 4 volumes x 2 patches, 30 epochs, in float32 (bfloat16 autocast takes 0.41x the time of a 3D step on "
+        "a CPU with AVX-512 BF16/AMX but 30x on one without, where it is emulated: float32 keeps every arm and "
+        "seed comparable on whichever machine runs it); validation, evaluation and attacks through a "
+        "SlidingWindowInferer with one 48x64x48 window (the padded volume: a third of the time of the bundle's "
+        "twelve 32^3 windows; the page also scores each model through the 32^3 windows); iterative attacks with 10 "
+        "steps; epsilons in units of each volume's intensity standard deviation",
         overrides={
             "features": [8, 8, 16, 32, 64, 8],
             "batch_size": 4,
             "learning_rate": 1e-3,
             "adv#track_loss": False,
-            "amp": True,
+            "amp": False,  # explicit: the bundle's default is amp on CUDA
             # every padded volume fits one window: the attack's gradient still flows through sliding_window_inference
             "validate#inferer#roi_size": [48, 64, 48],
         },

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from monai_adv.hardware import cpu_bf16_instructions, cpu_model
+from monai_adv.hardware import cpu_bf16_text, cpu_model
 
 __all__ = ["Figure", "main", "run_benchmark"]
 
@@ -330,12 +330,6 @@ def _quiet_evaluator() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _cpu_bf16_instructions() -> str:
-    """The CPU's bfloat16 instruction sets (Linux ``/proc/cpuinfo`` flags), for the notes of the bf16 figures."""
-    found = cpu_bf16_instructions()
-    return "unknown" if found is None else (", ".join(found) or "none")
-
-
 _CPU_BF16_NAMES = {
     "plain": "bf16 autocast, plain step (our step) vs fp32 (CPU)",
     "append": "bf16 autocast, append FGSM (fused) vs fp32 (CPU)",
@@ -391,7 +385,7 @@ def _cpu_bf16_figures(features, batch, device, iterations, rounds, output_dir: s
     # the sweeps' iterations only (not the files each run writes)
     seconds["robustness sweep fp32"] = evaluations[False].median_seconds()
     seconds["robustness sweep bf16"] = evaluations[True].median_seconds()
-    note = f"fp32 s / bf16 s; this CPU's bf16 instructions: {_cpu_bf16_instructions()}"
+    note = f"fp32 s / bf16 s; this CPU's bf16 instructions: {cpu_bf16_text()}"
     pairs = {
         "plain": ("plain fp32", "plain bf16", "trainer amp=True: our step's bfloat16 autocast"),
         "append": ("append fp32", "append bf16", "trainer amp=True"),
@@ -810,7 +804,7 @@ def _machine(device: torch.device) -> dict:
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
     else:
-        machine["cpu_bf16_instructions"] = _cpu_bf16_instructions()
+        machine["cpu_bf16_instructions"] = cpu_bf16_text()
     return machine
 
 

@@ -12,7 +12,14 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["BF16_INSTRUCTIONS", "cpu_bf16_instructions", "cpu_has_native_bf16", "cpu_model", "machine_summary"]
+__all__ = [
+    "BF16_INSTRUCTIONS",
+    "cpu_bf16_instructions",
+    "cpu_bf16_text",
+    "cpu_has_native_bf16",
+    "cpu_model",
+    "machine_summary",
+]
 
 #: the ``/proc/cpuinfo`` flags of the instruction sets that run bfloat16 natively
 BF16_INSTRUCTIONS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -48,6 +55,12 @@ def cpu_bf16_instructions() -> tuple[str, ...] | None:
     return tuple(sorted(flags & (BF16_INSTRUCTIONS | {"amx_tile"})))
 
 
+def cpu_bf16_text() -> str:
+    """:func:`cpu_bf16_instructions` as text: the flags joined by commas, ``none``, or ``unknown``."""
+    found = cpu_bf16_instructions()
+    return "unknown" if found is None else (", ".join(found) or "none")
+
+
 def cpu_has_native_bf16() -> bool | None:
     """Whether the CPU runs bfloat16 natively (True/False), or None where that cannot be told."""
     found = cpu_bf16_instructions()
@@ -60,8 +73,6 @@ def machine_summary() -> str:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    bf16 = cpu_bf16_instructions()
-    bf16_text = "unknown" if bf16 is None else (", ".join(bf16) or "none")
-    return (f"{cpu_model()}, {os.cpu_count()} logical CPUs (bf16 instructions: {bf16_text}), {device}; Python "
+    return (f"{cpu_model()}, {os.cpu_count()} logical CPUs (bf16 instructions: {cpu_bf16_text()}), {device}; Python "
             f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"MONAI {monai.__version__}")  # fmt: skip

@@ -48,11 +48,6 @@ def code_version() -> str:
         return "unknown (not a git checkout)"
 
 
-def machine() -> str:
-    """The machine line of a results page (:func:`monai_adv.hardware.machine_summary`)."""
-    return machine_summary()
-
-
 def dataset_citation(dataset_dir: Path) -> str | None:
     """The citation paragraph of the dataset's ``SOURCE.md`` (its "Terms and citation" section), if any."""
     source = dataset_dir / "SOURCE.md"
@@ -87,7 +82,7 @@ def main(argv: list[str] | None = None) -> Path:
     context = {
         "command": command,
         "version": code_version(),
-        "machine": machine(),
+        "machine": machine_summary(),
         "wall_time_s": time.perf_counter() - start,
         "profile": profile,
         "max_epochs": reproduction.max_epochs,

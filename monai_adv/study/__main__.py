@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from monai_adv.reproduce.__main__ import code_version, dataset_citation, machine
+    from monai_adv.hardware import machine_summary
+    from monai_adv.reproduce.__main__ import code_version, dataset_citation
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> Path:
         "command": command,
         "study_file": spec.source,
         "version": code_version(),
-        "machine": machine(),
+        "machine": machine_summary(),
         "wall_time_s": time.perf_counter() - start,
         "timings": runner.timings,
         "counts": runner.counts,

@@ -176,23 +176,14 @@ def _ratio_cell(entry: Mapping[str, Any]) -> str:
     return _fmt(ratios, digits=2) + "x" + (" (wall)" if wall else "")
 
 
-def _code_versions(summary: Mapping[str, Any]) -> str:
-    """``version (arm, arm...); version (...)``: which code each arm's runs came from."""
-    arms_by_code: dict[str, list[str]] = {}
+def _arms_by(summary: Mapping[str, Any], key: str) -> str:
+    """``value (arm, arm...); value (...)``: the arms whose runs recorded each value of ``key`` (``code``: the code
+    version; ``machines``: where they trained; results recorded before a key was kept lack it)."""
+    arms_by_value: dict[str, list[str]] = {}
     for name, entry in summary["arms"].items():
-        for version in entry.get("code", []):
-            arms_by_code.setdefault(version, []).append(name)
-    return "; ".join(f"{v} ({', '.join(a)})" for v, a in arms_by_code.items()) or "none yet"
-
-
-def _machines(summary: Mapping[str, Any]) -> str:
-    """``machine (arm, arm...); ...``: where each arm's runs trained (results recorded before this was kept: "not
-    recorded")."""
-    arms_by_machine: dict[str, list[str]] = {}
-    for name, entry in summary["arms"].items():
-        for found in entry.get("machines", []):
-            arms_by_machine.setdefault(found, []).append(name)
-    return "; ".join(f"{m} ({', '.join(a)})" for m, a in arms_by_machine.items()) or "none yet"
+        for value in entry.get(key, []):
+            arms_by_value.setdefault(value, []).append(name)
+    return "; ".join(f"{v} ({', '.join(a)})" for v, a in arms_by_value.items()) or "none yet"
 
 
 def summarize(results: Mapping[str, Any], spec: StudySpec) -> dict[str, Any]:
@@ -470,9 +461,9 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
         f"- command: `{context.get('command', '')}`",
         f"- study file: `{context.get('study_file', spec.source)}`",
         f"- code of this call: {context.get('version', 'unknown')}",
-        f"- code the arms ran with: {_code_versions(summary)}",
+        f"- code the arms ran with: {_arms_by(summary, 'code')}",
         f"- machine of this call: {context.get('machine', 'unknown')}",
-        f"- machines the arms trained on: {_machines(summary)}",
+        f"- machines the arms trained on: {_arms_by(summary, 'machines')}",
         f"- data: `{context.get('dataset_dir', '')}` ({', '.join(f'{k} {v}' for k, v in context.get('counts', {}).items())} images)",
         f"- seeds: {', '.join(str(s) for s in results.get('seeds', []))}",
         (

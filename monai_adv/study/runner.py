@@ -61,6 +61,10 @@ def _json_ready(value: Any) -> Any:
 #: settings that name places on this machine, not what is trained or measured
 _PLACES = ("datalist_file", "init_ckpt", "augment_dir", "output_dir")
 
+#: training settings that an evaluation of the trained model drops: every arm is scored alike, in float32 (amp off)
+#: and without the training's augmentation, checkpoint or resume
+_TRAINING_ONLY = ("augment", "init_ckpt", "resume", "amp")
+
 
 def _fingerprint(steps: Sequence[tuple]) -> list[dict[str, Any]]:
     """What an arm's steps do, without the paths of this machine's work folder (results move between machines).
@@ -382,21 +386,22 @@ class StudyRunner:
         root = self.root(seed, arm.name)
         ran = False
         for name, item in self.spec.clean_evaluations.items():
-            if done.get(name, {}).get("settings") == _json_ready(item.get("overrides", {})):
+            wanted = _json_ready(item.get("overrides", {}))
+            if done.get(name, {}).get("settings") == wanted:
                 continue
             if not (root / "models" / "model.pt").is_file():
                 logger.warning("%s (seed %d) has no model.pt here: its clean evaluation %r cannot run", arm.name,
                                seed, name)  # fmt: skip
                 continue
             settings = {k: v for k, v in self.training_settings(arm, seed, self.datalists["validation"]).items()
-                        if k not in ("augment", "init_ckpt", "resume", "amp")}  # fmt: skip
+                        if k not in _TRAINING_ONLY}  # fmt: skip
             output = root / f"clean_{name}"
             settings.update({"datalist_file": str(self.datalists["test"]), "output_dir": str(output),
                              **item.get("overrides", {})})  # fmt: skip
             seconds = self.step(output / "done.json", "evaluating", ["evaluate.json"], root, False, settings)
             with open(output / "metrics.csv", newline="") as stream:
                 metrics = {row[0]: float(row[1]) for row in csv.reader(stream) if len(row) == 2}
-            done[name] = {"metrics": metrics, "seconds": seconds, "settings": _json_ready(item.get("overrides", {}))}
+            done[name] = {"metrics": metrics, "seconds": seconds, "settings": wanted}
             ran = True
         return ran
 
@@ -426,9 +431,7 @@ class StudyRunner:
         if arm.init_from is not None:
             settings["init_ckpt"] = str(self.root(seed, arm.init_from) / "models" / "model.pt")
         steps.append(("train", root / "training_done.json", "training", [], root, self.tracking, settings))
-        # every arm is evaluated alike: in float32 (amp off), without the training's augmentation
-        robust = {k: v for k, v in settings.items()
-                  if k not in ("augment", "init_ckpt", "resume", "datalist_file", "amp")}  # fmt: skip
+        robust = {k: v for k, v in settings.items() if k not in (*_TRAINING_ONLY, "datalist_file")}
         robust.update({"datalist_file": str(datalists["test"]), "output_dir": str(root / "robustness_test"),
                        "num_examples": 0, **self._robustness_settings()})  # fmt: skip
         steps.append(("robustness", root / "robustness_test" / "done.json", "robustness", ["robustness.json"], root,

@@ -17,7 +17,7 @@ import pytest
 from monai_adv.errors import SettingsError
 from monai_adv.hardware import cpu_model
 from monai_adv.study import choose_default, load_study, paired_bootstrap, plateau_epoch
-from monai_adv.study.report import step_ratio, summarize
+from monai_adv.study.report import _reference_lines, step_ratio, summarize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KVASIR = REPO_ROOT.parent / "shared" / "data" / "kvasir_seg"
@@ -187,6 +187,11 @@ def test_study_file_errors_name_the_file_and_key(tmp_path):
         study = {**smoke_study(), "clean_evaluations": bad}
         with pytest.raises(SettingsError, match=message):
             load_study(study)
+    for bad, message in (({"dice": {}}, "reference must be"), ({"dice": {"a": 1.5}}, r"reference.dice\['a'\].*1.5"),
+                         ({"dice": {"a": 0.8}, "lable": "x"}, r"reference: unknown keys \['lable'\]")):  # fmt: skip
+        with pytest.raises(SettingsError, match=message):
+            load_study({**smoke_study(), "reference": bad})
+    assert load_study("hippocampus_recipes").reference["dice"] == {"anterior": 0.89, "posterior": 0.87}
     assert load_study("hippocampus_recipes").clean_evaluations["bundle_windows"]["overrides"] == {
         "validate#inferer#roi_size": [32, 32, 32]
     }
@@ -254,6 +259,24 @@ def test_summary_reads_costs_and_ratio_from_the_files(tmp_path):
     assert summary["arms"]["fgsm"]["step_ratio"] == [pytest.approx(2.0)]
     assert summary["arms"]["finetune"]["cost"]["iterations"] == [15.0]  # its own 5 and the UNet's 10
     assert summary["arms"]["finetune"]["step_ratio"] == [pytest.approx(3.0)]
+
+
+def test_reference_distances_are_the_mean_clean_dice_minus_the_reference():
+    spec = load_study({**smoke_study(), "reference": {"label": "nnU-Net", "dice": {"a": 0.9, "b": 0.8, "c": 0.7}},
+                       "clean_evaluations": {"windows": {"label": "small windows"}}})  # fmt: skip
+
+    def result(a, b, windows_a):
+        row = {"attack": "ensemble", "epsilon": 0.0, "mean_iou": 0.5, "dice_a": a, "dice_b": b}
+        return {"robustness": [row], "clean_evaluations": {"windows": {"metrics": {"val_dice_a": windows_a,
+                                                                                   "val_dice_b": b}}}}  # fmt: skip
+
+    results = {"arms": {"unet": {"0": result(0.86, 0.75, 0.88), "1": result(0.84, 0.77, 0.90)}}}
+    page = "\n".join(_reference_lines(results, spec))
+    assert "## Against nnU-Net" in page and "a 0.90, b 0.80, c 0.70 Dice" in page
+    assert "Not scored by this study: `c`." in page
+    assert "| `unet` | the study's | 2 | 0.850 (-5.0) | 0.760 (-4.0) |" in page
+    assert "| `unet` | small windows | 2 | 0.890 (-1.0) | 0.760 (-4.0) |" in page
+    assert _reference_lines(results, load_study(smoke_study())) == []  # no reference, no section
 
 
 def test_volume_datalists_name_files_the_bundle_finds_from_a_relative_dataset_dir(tmp_path, monkeypatch):

@@ -381,6 +381,47 @@ def _clean_evaluation_tables(results: Mapping[str, Any], spec: StudySpec) -> lis
     return lines
 
 
+def _reference_lines(results: Mapping[str, Any], spec: StudySpec) -> list[str]:
+    """Each arm's clean Dice per class (the study's, and each clean evaluation's) against the study's reference:
+    mean over seeds and its distance in Dice points."""
+    if spec.reference is None:
+        return []
+    label, reference = spec.reference["label"], spec.reference["dice"]
+    scored = {k[len("dice_") :] for k in _class_keys(results)}
+    classes = [c for c in reference if c in scored]
+    lines = ["", f"## Against {label}", "",
+             f"{label}: " + ", ".join(f"{c} {v:.2f}" for c, v in reference.items()) + " Dice. Each arm's mean clean "
+             "test Dice over its seeds, and how far it is from that, in Dice points."]  # fmt: skip
+    missing = [c for c in reference if c not in scored]
+    if missing:
+        lines += ["", f"Not scored by this study: {', '.join(f'`{c}`' for c in missing)}."]
+    if not classes:
+        return lines
+    # None: the study's own clean scores (the robustness run's unattacked row); else a clean evaluation's name
+    sources = [(None, "the study's"), *((n, item.get("label", n)) for n, item in spec.clean_evaluations.items())]
+
+    def dice(run: Mapping[str, Any], evaluation: str | None, name: str) -> float:
+        if evaluation is None:
+            return clean_score(run, f"dice_{name}")
+        return float(run["clean_evaluations"][evaluation]["metrics"][f"val_dice_{name}"])
+
+    header = ["arm", "scored", "seeds", *[f"Dice {c} (distance)" for c in classes]]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in spec.arms:
+        runs = results["arms"].get(arm.name) or {}
+        for evaluation, source in sources:
+            seeds = [s for s in sorted(runs, key=int)
+                     if evaluation is None or evaluation in runs[s].get("clean_evaluations", {})]  # fmt: skip
+            if not seeds:
+                continue
+            cells = [f"`{arm.name}`", source, str(len(seeds))]
+            for name in classes:
+                mean = float(np.mean([dice(runs[s], evaluation, name) for s in seeds]))
+                cells.append(f"{mean:.3f} ({100 * (mean - reference[name]):+.1f})")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _plot_pareto(summary: Mapping[str, Any], path: Path) -> Path:
     from monai_adv.evaluation.figures import agg_pyplot
 
@@ -530,6 +571,7 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
     ]
     lines += _per_class_table(results, spec, epsilons, eps_names)
     lines += _clean_evaluation_tables(results, spec)
+    lines += _reference_lines(results, spec)
     compared = {n: e for n, e in summary["arms"].items() if e.get("vs_control")}
     if compared:
         lines += ["", "## Against the compute-matched control", ""]

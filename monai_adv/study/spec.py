@@ -38,7 +38,7 @@ __all__ = ["STUDIES_DIR", "Arm", "StudySpec", "load_study"]
 
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 _STUDY_KEYS = {"name", "title", "description", "profile", "overrides", "plain_arm", "robustness", "arms", "page",
-               "dataset_dir", "clean_evaluations"}  # fmt: skip
+               "dataset_dir", "clean_evaluations", "reference"}  # fmt: skip
 _ARM_KEYS = {"name", "label", "overrides", "offline", "init_from", "control", "candidate", "description"}
 _OFFLINE_KEYS = {"from", "method", "epsilon", "recipe"}
 _ROBUSTNESS_KEYS = {"attacks", "epsilons", "iterative_epsilons", "num_steps", "restarts", "checks", "num_examples",
@@ -84,6 +84,9 @@ class StudySpec:
             "overrides": {...}}}`` (e.g. the bundle's own sliding windows where the profile evaluates through one
             window): each trained model is scored again with those overrides. They measure, they do not change
             what is trained or attacked, so adding one runs it for the results there are without running them again.
+        reference: published clean Dice per class to measure the arms against, ``{"label": "nnU-Net-class
+            models", "dice": {"anterior": 0.89, ...}}`` (class names as in the results' ``dice_<class>``); the
+            page gives each arm's distance to it.
         source: the study file.
     """
 
@@ -98,6 +101,7 @@ class StudySpec:
     page: str | None = None
     dataset_dir: str | None = None
     clean_evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reference: dict[str, Any] | None = None
     source: str = ""
 
     def arm(self, name: str) -> Arm:
@@ -216,6 +220,7 @@ def load_study(source: str | os.PathLike | dict[str, Any]) -> StudySpec:
         _unknown(set(item), {"label", "overrides"}, f"{where}: clean_evaluations[{key!r}]")
         if not isinstance(item.get("overrides", {}), dict):
             raise SettingsError(f"{where}: clean_evaluations[{key!r}].overrides must be an object of bundle settings.")
+    reference = _reference(raw.get("reference"), where)
     plain = raw.get("plain_arm")
     if plain is not None and plain not in {a.name for a in arms}:
         raise SettingsError(f"{where}: plain_arm {plain!r} is not an arm.")
@@ -228,5 +233,21 @@ def load_study(source: str | os.PathLike | dict[str, Any]) -> StudySpec:
         name=str(raw["name"]), title=str(raw.get("title", raw["name"])), arms=arms,
         description=str(raw.get("description", "")), profile=profile, overrides=dict(raw.get("overrides", {})),
         plain_arm=plain, robustness=robustness, page=raw.get("page"), dataset_dir=raw.get("dataset_dir"),
-        clean_evaluations={str(k): dict(v) for k, v in evaluations.items()}, source=where,
+        clean_evaluations={str(k): dict(v) for k, v in evaluations.items()}, reference=reference, source=where,
     )  # fmt: skip
+
+
+def _reference(raw: Any, where: str) -> dict[str, Any] | None:
+    """The checked ``reference`` of a study file: a label and Dice scores in (0, 1] per class."""
+    if raw is None:
+        return None
+    form = "{'label': TEXT, 'dice': {CLASS: DICE, ...}} with each Dice in (0, 1]"
+    if not isinstance(raw, dict) or not isinstance(raw.get("dice"), dict) or not raw["dice"]:
+        raise SettingsError(f"{where}: reference must be {form}, got {raw!r}.")
+    _unknown(set(raw), {"label", "dice"}, f"{where}: reference")
+    scores = {}
+    for name, value in raw["dice"].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise SettingsError(f"{where}: reference.dice[{name!r}] must be a Dice in (0, 1], got {value!r}.")
+        scores[str(name)] = float(value)
+    return {"label": str(raw.get("label", "the reference")), "dice": scores}

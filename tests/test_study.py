@@ -265,17 +265,20 @@ def test_reference_distances_are_the_mean_clean_dice_minus_the_reference():
     spec = load_study({**smoke_study(), "reference": {"label": "nnU-Net", "dice": {"a": 0.9, "b": 0.8, "c": 0.7}},
                        "clean_evaluations": {"windows": {"label": "small windows"}}})  # fmt: skip
 
-    def result(a, b, windows_a):
+    def result(a, b, windows=None):
         row = {"attack": "ensemble", "epsilon": 0.0, "mean_iou": 0.5, "dice_a": a, "dice_b": b}
-        return {"robustness": [row], "clean_evaluations": {"windows": {"metrics": {"val_dice_a": windows_a,
-                                                                                   "val_dice_b": b}}}}  # fmt: skip
+        evaluations = {} if windows is None else {"windows": {"metrics": {"val_dice_a": windows[0],
+                                                                          "val_dice_b": windows[1]}}}  # fmt: skip
+        return {"robustness": [row], "clean_evaluations": evaluations}
 
-    results = {"arms": {"unet": {"0": result(0.86, 0.75, 0.88), "1": result(0.84, 0.77, 0.90)}}}
+    # seed 2 has no clean evaluation (its model.pt was gone): the windows row averages seeds 0 and 1 only
+    results = {"arms": {"unet": {"0": result(0.86, 0.75, (0.88, 0.70)), "1": result(0.84, 0.77, (0.90, 0.72)),
+                                 "2": result(0.85, 0.76)}}}  # fmt: skip
     page = "\n".join(_reference_lines(results, spec))
-    assert "## Against nnU-Net" in page and "a 0.90, b 0.80, c 0.70 Dice" in page
-    assert "Not scored by this study: `c`." in page
-    assert "| `unet` | the study's | 2 | 0.850 (-5.0) | 0.760 (-4.0) |" in page
-    assert "| `unet` | small windows | 2 | 0.890 (-1.0) | 0.760 (-4.0) |" in page
+    assert "## Against nnU-Net" in page and "a 0.9, b 0.8, c 0.7 Dice" in page
+    assert "No per-class Dice in the results for: `c`." in page
+    assert "| `unet` | the study's | 3 | 0.850 (-5.0) | 0.760 (-4.0) |" in page
+    assert "| `unet` | small windows | 2 | 0.890 (-1.0) | 0.710 (-9.0) |" in page
     assert _reference_lines(results, load_study(smoke_study())) == []  # no reference, no section
 
 

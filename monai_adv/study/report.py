@@ -178,7 +178,8 @@ def _ratio_cell(entry: Mapping[str, Any]) -> str:
 
 def _arms_by(summary: Mapping[str, Any], key: str) -> str:
     """``value (arm, arm...); value (...)``: the arms whose runs recorded each value of ``key`` (``code``: the code
-    version; ``machines``: where they trained; results recorded before a key was kept lack it)."""
+    version; ``machines``: where they trained; :func:`summarize` lists results recorded before a key was kept as
+    ``unknown`` and ``not recorded``)."""
     arms_by_value: dict[str, list[str]] = {}
     for name, entry in summary["arms"].items():
         for value in entry.get(key, []):
@@ -390,11 +391,12 @@ def _reference_lines(results: Mapping[str, Any], spec: StudySpec) -> list[str]:
     scored = {k[len("dice_") :] for k in _class_keys(results)}
     classes = [c for c in reference if c in scored]
     lines = ["", f"## Against {label}", "",
-             f"{label}: " + ", ".join(f"{c} {v:.2f}" for c, v in reference.items()) + " Dice. Each arm's mean clean "
+             f"{label}: " + ", ".join(f"{c} {v:g}" for c, v in reference.items()) + " Dice. Each arm's mean clean "
              "test Dice over its seeds, and how far it is from that, in Dice points."]  # fmt: skip
     missing = [c for c in reference if c not in scored]
     if missing:
-        lines += ["", f"Not scored by this study: {', '.join(f'`{c}`' for c in missing)}."]
+        # binary studies have no dice_<class> keys; their foreground Dice is the clean Dice of the arms table
+        lines += ["", f"No per-class Dice in the results for: {', '.join(f'`{c}`' for c in missing)}."]
     if not classes:
         return lines
     # None: the study's own clean scores (the robustness run's unattacked row); else a clean evaluation's name

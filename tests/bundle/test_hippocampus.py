@@ -127,3 +127,20 @@ def test_inference_writes_nifti_predictions_on_the_inputs_grid(bundle, hippocamp
         source, predicted = nib.load(volumes / f"{case}.nii.gz"), nib.load(out / f"{case}_seg.nii.gz")
         assert predicted.shape == source.shape and np.allclose(predicted.affine, source.affine)
         assert set(np.unique(np.asarray(predicted.dataobj))) <= {0, 1, 2}
+
+
+def test_validation_batches_two_volumes_also_when_one_is_larger_than_the_padding(bundle, hippocampus, tmp_path):
+    """The overlay validates two volumes a batch; ``pad_list_data_collate`` pads a batch of unequal volumes (here a
+    padding smaller than the volumes, so each keeps its own shape) instead of failing to stack them."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(bundle.train_json), str(bundle.configs / "hippocampus.json")])
+    parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(hippocampus), "max_val": 2,
+                   "spatial_size": [16, 16, 16]})  # fmt: skip
+    items = parser.get_parsed_content("validate#dataset").data
+    shapes = [tuple(parser.get_parsed_content("validate#preprocessing")(i)["image"].shape) for i in items]
+    assert len(set(shapes)) == 2, shapes  # the two volumes differ: a plain collate could not stack them
+    batch = next(iter(parser.get_parsed_content("validate#dataloader")))
+    largest = tuple(max(s[d] for s in shapes) for d in range(4))
+    assert batch["image"].shape == (2, *largest) and batch["label"].shape == (2, 1, *largest[1:])

@@ -237,6 +237,13 @@ def test_default_rule_prefers_robust_within_one_point_then_trade_off():
     chosen = choose_default(summary)
     assert chosen["arm"] == "c" and not chosen["within_tolerance"] and not chosen["meets_target"]
     assert "best trade-off" in chosen["reason"]
+    # one lucky seed does not displace a candidate measured on three; it counts once it has three too
+    three = {**entry(0.55, 0.30, 0.60, 0.10), "clean_iou": [0.55] * 3, "robust_iou": {"0.1": [0.30] * 3}}
+    summary["arms"] = {"many": three, "lucky": entry(0.60, 0.50, 0.60, 0.10)}
+    chosen = choose_default(summary)
+    assert chosen["arm"] == "many" and "fewer than 3 seeds: `lucky`" in chosen["reason"]
+    summary["arms"]["lucky"] = {**three, "clean_iou": [0.60] * 3, "robust_iou": {"0.1": [0.50] * 3}}
+    assert choose_default(summary)["arm"] == "lucky"
 
 
 def test_plateau_epoch():
@@ -259,6 +266,18 @@ def test_summary_reads_costs_and_ratio_from_the_files(tmp_path):
     assert summary["arms"]["fgsm"]["step_ratio"] == [pytest.approx(2.0)]
     assert summary["arms"]["finetune"]["cost"]["iterations"] == [15.0]  # its own 5 and the UNet's 10
     assert summary["arms"]["finetune"]["step_ratio"] == [pytest.approx(3.0)]
+
+    # a run on another machine than its seed's plain run is timed against the plain runs on its own machine
+    slow, fast = "EPYC, 2 CPUs", "Xeon, 2 CPUs"
+    results["arms"]["unet"] = {"0": {**result(0.6, 10.0, 10, 160), "machine": fast},
+                               "1": {**result(0.6, 16.0, 10, 160), "machine": slow},
+                               "2": {**result(0.6, 18.0, 10, 160), "machine": slow}}  # fmt: skip
+    results["arms"]["fgsm"] = {"0": {**result(0.5, 34.0, 10, 320), "machine": slow}}
+    fgsm = summarize(results, spec)["arms"]["fgsm"]
+    assert fgsm["step_ratio"] == [pytest.approx(2.0)] and fgsm["step_ratio_notes"] == []
+    results["arms"]["fgsm"]["0"]["machine"] = "a third machine"  # no plain run there: the same seed's, marked
+    fgsm = summarize(results, spec)["arms"]["fgsm"]
+    assert fgsm["step_ratio"] == [pytest.approx(3.4)] and fgsm["step_ratio_notes"] == ["other machine"]
 
 
 def test_reference_distances_are_the_mean_clean_dice_minus_the_reference():

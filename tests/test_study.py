@@ -203,6 +203,33 @@ def test_study_file_errors_name_the_file_and_key(tmp_path):
     assert {a.control for a in shipped.arms if a.candidate} <= {a.name for a in shipped.arms}
 
 
+def test_arms_do_not_depend_on_the_defaults_that_publish_writes(dataset, tmp_path):
+    from monai_adv.study.runner import StudyRunner, _fingerprint
+
+    unnamed = smoke_study()
+    unnamed["arms"][0]["overrides"] = {"max_epochs": 3}
+    with pytest.raises(SettingsError, match=r"arms\[0\] \(unet\): names neither 'adv#recipe' nor 'adv#method'"):
+        load_study(unnamed)
+    assert load_study({**unnamed, "overrides": {"adv#method": "none"}}).arms[0].overrides == {"max_epochs": 3}
+    study = smoke_study()
+    study["arms"].append({"name": "std", "overrides": {"adv#method": "none", "augment": "standard"}})
+    runner = StudyRunner(load_study(study), dataset, [0], tmp_path / "work")
+    runner.datalists = {"validation": tmp_path / "validation.json", "test": tmp_path / "test.json"}
+    plain, standard = runner.spec.arm("unet"), runner.spec.arm("std")
+    # the plain arm trains un-augmented even where the bundle's train.json now says --augment standard
+    assert runner.training_settings(plain, 0, tmp_path / "d.json")["augment"] == "none"
+    assert runner.training_settings(standard, 0, tmp_path / "d.json")["augment"] == "standard"
+    # ...and keeps the fingerprint (and step markers) it had before the pin, so its results are not run again
+    assert "augment" not in _fingerprint(runner.plan(plain, 0))[0]
+    assert _fingerprint(runner.plan(standard, 0))[0]["augment"] == "standard"
+    _, marker, run_id, overlays, root, tracking, settings = runner.plan(plain, 0)[0]
+    before_the_pin = {k: v for k, v in settings.items() if k != "augment"}
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"settings": before_the_pin, "seconds": 12.5}))
+    assert runner.step(marker, run_id, overlays, root, tracking, settings) == 12.5
+    assert runner.resumed == [str(marker.parent)] and not runner.ran
+
+
 def test_step_ratio_prefers_cpu_time_when_both_runs_have_it():
     plain = {"train_seconds": 100.0, "train_cpu_seconds": 180.0, "iterations": 100}
     busy = {"train_seconds": 400.0, "train_cpu_seconds": 380.0, "iterations": 100}  # slowed by another job

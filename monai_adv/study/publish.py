@@ -27,14 +27,13 @@ import numpy as np
 from monai_adv.engines.recipes import recipe_preset
 from monai_adv.errors import SettingsError
 from monai_adv.study.report import _fmt, _interval, _ratio_cell, epsilon_name
+from monai_adv.study.spec import ARM_DEFAULTS
 
 __all__ = ["BEGIN", "END", "PUBLISHABLE_KEYS", "main", "performance_section", "publish"]
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 #: the overrides an arm may have for the bundle to take it as its default: config path of each in train.json
 PUBLISHABLE_KEYS = {"adv#recipe": ("adv", "recipe"), "augment": ("augment",)}
-#: what train.json holds for a publishable key that the chosen arm leaves alone
-_UNSET = {"augment": "none"}
 
 
 def _default_settings(summary: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -58,7 +57,7 @@ def _default_settings(summary: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if "adv#recipe" not in overrides:
         raise SettingsError(f"the chosen arm {arm!r} names no adv#recipe: it cannot be the bundle's default recipe.")
     recipe_preset(overrides["adv#recipe"])  # an unknown name fails here, naming the known ones
-    return arm, {key: overrides.get(key, _UNSET.get(key)) for key in PUBLISHABLE_KEYS}
+    return arm, {key: overrides.get(key, ARM_DEFAULTS.get(key)) for key in PUBLISHABLE_KEYS}
 
 
 def performance_section(summary: Mapping[str, Any], results_page: str = "docs/recipes.md") -> str:

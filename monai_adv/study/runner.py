@@ -22,7 +22,7 @@ from monai_adv.engines.recipes import recipe_preset
 from monai_adv.errors import SettingsError
 from monai_adv.hardware import machine_summary
 from monai_adv.study.profiles import PROFILES, Profile
-from monai_adv.study.spec import Arm, StudySpec
+from monai_adv.study.spec import ARM_DEFAULTS, Arm, StudySpec
 
 __all__ = ["StudyRunner", "find_bundle_dir"]
 
@@ -66,6 +66,12 @@ _PLACES = ("datalist_file", "init_ckpt", "augment_dir", "output_dir")
 _TRAINING_ONLY = ("augment", "init_ckpt", "resume", "amp")
 
 
+def _without_arm_defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` less the keys at their :data:`ARM_DEFAULTS` value, which is what the bundle trained before they
+    were pinned: results and step markers written then still match."""
+    return {k: v for k, v in settings.items() if not (k in ARM_DEFAULTS and v == ARM_DEFAULTS[k])}
+
+
 def _fingerprint(steps: Sequence[tuple]) -> list[dict[str, Any]]:
     """What an arm's steps do, without the paths of this machine's work folder (results move between machines).
 
@@ -74,7 +80,7 @@ def _fingerprint(steps: Sequence[tuple]) -> list[dict[str, Any]]:
     """
     prints = []
     for step in steps:
-        settings = {k: v for k, v in _json_ready(step[-1]).items() if k not in _PLACES}
+        settings = {k: v for k, v in _without_arm_defaults(_json_ready(step[-1])).items() if k not in _PLACES}
         if "adv#recipe" in settings:
             preset = recipe_preset(settings["adv#recipe"])
             settings["adv#preset"] = _json_ready({k: v for k, v in preset.items() if k != "recipe"})
@@ -182,7 +188,7 @@ class StudyRunner:
         recorded = _json_ready(settings)
         if marker.is_file():
             done = json.loads(marker.read_text())
-            if done.get("settings") == recorded:
+            if _without_arm_defaults(done.get("settings", {})) == _without_arm_defaults(recorded):
                 self.commands.append(self.command(run_id, overlays, root, tracking, settings))
                 self.resumed.append(str(marker.parent))
                 logger.info("skipping a step that already ran (%s)", marker)
@@ -285,8 +291,10 @@ class StudyRunner:
         return self.work_dir / "runs" / f"seed{seed}" / arm
 
     def training_settings(self, arm: Arm, seed: int, datalist: Path) -> dict[str, Any]:
-        """Every override of one arm's training: the profile's, the study's, the arm's, then seed and data."""
-        settings = {**self.profile.overrides, "val_interval": 1, "num_workers": 0, **self.spec.overrides}
+        """Every override of one arm's training: :data:`ARM_DEFAULTS`, the profile's, the study's, the arm's, then
+        seed and data."""
+        settings = {**ARM_DEFAULTS, **self.profile.overrides, "val_interval": 1, "num_workers": 0,
+                    **self.spec.overrides}  # fmt: skip
         if self.max_epochs is not None:
             settings["max_epochs"] = self.max_epochs
         settings.update(arm.overrides)

@@ -22,6 +22,10 @@ Every arm trains with the profile's overrides, then the study's, then its own. `
 set plus copies that ``run augment`` writes with the final model of the ``from`` arm of the same seed; ``init_from``
 starts from that arm's ``model.pt`` (``init_ckpt``). ``control`` names the compute-matched arm the page compares it
 with. ``candidate`` arms compete for the default recipe.
+
+An arm does not depend on the bundle's current default recipe, which ``python -m monai_adv.study.publish`` changes:
+every arm names ``adv#recipe`` or ``adv#method`` (itself or through the study's overrides), and the settings that the
+publisher writes train as :data:`ARM_DEFAULTS` where an arm leaves them alone.
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ from typing import Any
 
 from monai_adv.errors import SettingsError
 
-__all__ = ["STUDIES_DIR", "Arm", "StudySpec", "load_study"]
+__all__ = ["ARM_DEFAULTS", "STUDIES_DIR", "Arm", "StudySpec", "load_study"]
 
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
+#: what an arm trains with for a setting that the publisher may make the bundle's default, when the arm leaves it
+#: alone: a published ``--augment standard`` must not turn a study's plain control into an augmented one
+ARM_DEFAULTS: dict[str, Any] = {"augment": "none"}
 _STUDY_KEYS = {"name", "title", "description", "profile", "overrides", "plain_arm", "robustness", "arms", "page",
                "dataset_dir", "clean_evaluations", "reference"}  # fmt: skip
 _ARM_KEYS = {"name", "label", "overrides", "offline", "init_from", "control", "candidate", "description"}
@@ -203,6 +210,12 @@ def load_study(source: str | os.PathLike | dict[str, Any]) -> StudySpec:
         overrides = item.get("overrides", {})
         if not isinstance(overrides, dict):
             raise SettingsError(f"{here} ({name}): overrides must be an object of bundle settings.")
+        if not {"adv#recipe", "adv#method"} & {*overrides, *raw.get("overrides", {})}:
+            raise SettingsError(
+                f"{here} ({name}): names neither 'adv#recipe' nor 'adv#method' in its overrides, so the bundle's "
+                "default recipe (which python -m monai_adv.study.publish changes) would decide what it trains; "
+                "add {'adv#method': 'none'} for plain training or the recipe it is about."
+            )
         arms.append(Arm(name=name, label=str(item.get("label", name)), overrides=dict(overrides), offline=offline,
                         init_from=item.get("init_from"), control=item.get("control"),
                         candidate=bool(item.get("candidate", False)),

@@ -14,12 +14,13 @@ def augment_configs(bundle) -> str:
 
 
 def bundle_preprocessing(bundle, root: Path):
-    """The bundle's own preprocessing (LoadImaged, binarise, fixed [0, 255] scaling, resize), in process."""
+    """The bundle's own preprocessing (LoadImaged, binarise, fixed [0, 255] scaling, resize), in process, without
+    the training's random augmentation (the shipped default may be --augment standard)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(bundle.train_json))
-    parser.update({"bundle_root": str(root), "image_size": bundle.tiny_image_size})
+    parser.update({"bundle_root": str(root), "image_size": bundle.tiny_image_size, "augment": "none"})
     return parser.get_parsed_content("train#preprocessing")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from monai.transforms import RandAdjustContrastd, RandAffined, RandFlipd, RandGaussianNoised, RandRotate90d
@@ -26,8 +28,12 @@ def test_standard_augmentation_reaches_training_only(bundle, tmp_path):
     assert {RandFlipd, RandRotate90d, RandAffined, RandGaussianNoised, RandAdjustContrastd} <= kinds
     validation = parser.get_parsed_content("validate#preprocessing").transforms
     assert not any(type(t).__name__.startswith("Rand") for t in validation)
-    plain = _parsed(bundle, tmp_path).get_parsed_content("train#preprocessing").transforms
-    assert not any(type(t).__name__.startswith("Rand") for t in plain)  # the default is none
+    plain = _parsed(bundle, tmp_path, augment="none").get_parsed_content("train#preprocessing").transforms
+    assert not any(type(t).__name__.startswith("Rand") for t in plain)
+    # the shipped default is the publisher's choice (configs/train.json), and it reaches the training batches
+    default = json.loads(bundle.train_json.read_text())["augment"]
+    shipped = _parsed(bundle, tmp_path).get_parsed_content("train#preprocessing").transforms
+    assert any(type(t).__name__.startswith("Rand") for t in shipped) == (default == "standard")
     # run augment writes copies of the training images as they are, whatever --augment says
     augment = _parsed(bundle, tmp_path, "augment.json")
     assert not any(

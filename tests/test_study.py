@@ -17,7 +17,7 @@ import pytest
 from monai_adv.errors import SettingsError
 from monai_adv.hardware import cpu_model
 from monai_adv.study import choose_default, load_study, paired_bootstrap, plateau_epoch
-from monai_adv.study.report import _reference_lines, step_ratio, summarize
+from monai_adv.study.report import _reference_lines, epsilon_name, step_ratio, summarize, write_study_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KVASIR = REPO_ROOT.parent / "shared" / "data" / "kvasir_seg"
@@ -271,6 +271,29 @@ def test_default_rule_prefers_robust_within_one_point_then_trade_off():
     assert chosen["arm"] == "many" and "fewer than 3 seeds: `lucky`" in chosen["reason"]
     summary["arms"]["lucky"] = {**three, "clean_iou": [0.60] * 3, "robust_iou": {"0.1": [0.50] * 3}}
     assert choose_default(summary)["arm"] == "lucky"
+
+
+def test_page_names_an_arm_outside_the_candidates_that_meets_the_target(tmp_path):
+    spec = load_study(smoke_study())  # `offline` has a control and is no candidate
+
+    def result(clean, robust):
+        rows = [{"attack": "ensemble", "epsilon": 0.0, "mean_iou": clean, "mean_dice": clean},
+                {"attack": "ensemble", "epsilon": EPS, "mean_iou": robust, "mean_dice": robust}]  # fmt: skip
+        per_image = {"clean": {"a": clean, "b": clean}, f"ensemble@{EPS:g}": {"a": robust, "b": robust}}
+        return {"robustness": rows, "per_image": per_image, "val_iou": {"1": clean}, "checks": {},
+                "cost": {"train_seconds": 1.0, "iterations": 1, "images": 16}}  # fmt: skip
+
+    def page(offline_clean):
+        results = {"seeds": [0], "arms": {"unet": {"0": result(0.60, 0.10)}, "fgsm": {"0": result(0.50, 0.40)},
+                                          "offline": {"0": result(offline_clean, 0.25)}}}  # fmt: skip
+        return write_study_report(results, spec, tmp_path, {}).read_text()
+
+    text = page(0.595)  # within 1 point and 2.5x: the target, outside the rule
+    assert "By the rule: **`fgsm`**" in text
+    assert ("Not candidates, and meeting the target: `offline` (offline, 1 seed(s)): clean IoU 0.595 against 0.600 "
+            f"for `unet`, robust IoU at ε {epsilon_name(EPS)} 0.250 against 0.100 (2.50x), against 0.400 for the "
+            "default; not a candidate.") in text  # fmt: skip
+    assert "Not candidates, and meeting the target" not in page(0.58)  # 2 points below its control
 
 
 def test_plateau_epoch():

@@ -17,7 +17,14 @@ import pytest
 from monai_adv.errors import SettingsError
 from monai_adv.hardware import cpu_model
 from monai_adv.study import choose_default, load_study, paired_bootstrap, plateau_epoch
-from monai_adv.study.report import _reference_lines, epsilon_name, step_ratio, summarize, write_study_report
+from monai_adv.study.report import (
+    _reference_lines,
+    epsilon_name,
+    incomplete_parts,
+    step_ratio,
+    summarize,
+    write_study_report,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KVASIR = REPO_ROOT.parent / "shared" / "data" / "kvasir_seg"
@@ -163,7 +170,7 @@ def test_smoke_study_runs_each_arm_once_and_reports_what_its_files_say(dataset, 
     study.write_text(json.dumps(smoke_study()))
     _run(study, dataset, output, "--report_only")
     page = (output / "smoke.md").read_text()
-    assert "- left out, run with other settings than the study's (they run again): fgsm (seed 0)" in page
+    assert "- left out of this page: fgsm (seed 0, run with other settings than the study's: it runs again)" in page
     assert "fgsm" not in json.loads((output / "smoke" / "summary.json").read_text())["summary"]["arms"]
 
 
@@ -260,6 +267,7 @@ def test_default_rule_prefers_robust_within_one_point_then_trade_off():
                                            "c": entry(0.55, 0.50, 0.60, 0.10)}}  # fmt: skip
     chosen = choose_default(summary)
     assert chosen["arm"] == "b" and chosen["within_tolerance"] and chosen["meets_target"]
+    assert chosen["ranking"] == ["b", "a", "c"]  # within the tolerance by robust IoU, then the rest
     summary["arms"] = {"c": entry(0.55, 0.50, 0.60, 0.10), "d": entry(0.50, 0.52, 0.60, 0.10)}
     chosen = choose_default(summary)
     assert chosen["arm"] == "c" and not chosen["within_tolerance"] and not chosen["meets_target"]
@@ -294,6 +302,42 @@ def test_page_names_an_arm_outside_the_candidates_that_meets_the_target(tmp_path
             f"for `unet`, robust IoU at ε {epsilon_name(EPS)} 0.250 against 0.100 (2.50x), against 0.400 for the "
             "default; not a candidate.") in text  # fmt: skip
     assert "Not candidates, and meeting the target" not in page(0.58)  # 2 points below its control
+    # the target is not met: the page says how far the default is
+    assert ("The target is **not met**. It is 10.0 clean IoU points below its control (the target allows 1) at "
+            "4.00x its robust IoU (the target asks 2x).") in text  # fmt: skip
+
+
+def test_required_seeds_decide_when_a_study_is_complete():
+    spec = load_study({**smoke_study(), "required_seeds": {"each": 2, "best": 3}})
+    assert spec.required_seeds == {"each": 2, "best": 3}
+
+    def summary(**seeds):
+        return {"arms": {name: {"seeds": list(range(n))} for name, n in seeds.items()}}
+
+    ranking = {"ranking": ["fgsm"]}
+    assert incomplete_parts(summary(unet=2, fgsm=2, offline=2, finetune=1), spec, ranking) == [
+        "arms with fewer than 2 seeds: `finetune`",
+        "of the two best candidates, fewer than 3 seeds: `fgsm`",
+    ]
+    # every arm at 2 and the best at 3 is complete, though the arms have different numbers of seeds
+    assert incomplete_parts(summary(unet=2, fgsm=3, offline=2, finetune=2), spec, ranking) == []
+    assert incomplete_parts(summary(unet=2, fgsm=3, finetune=2), spec, ranking) == [
+        "arms without results yet: `offline`"
+    ]
+    # without the key, every arm needs every seed any arm has
+    plain = load_study(smoke_study())
+    assert plain.required_seeds is None
+    assert incomplete_parts(summary(unet=2, fgsm=3, offline=2, finetune=2), plain, ranking) == [
+        "arms with fewer seeds than others: `unet`, `offline`, `finetune`"
+    ]
+    assert incomplete_parts(summary(unet=1, fgsm=1, offline=1, finetune=1), plain, ranking) == []
+    assert load_study({**smoke_study(), "required_seeds": {"each": 3}}).required_seeds == {"each": 3, "best": 3}
+    for bad, message in ((3, "required_seeds must be"), ({"each": 3, "best": 2}, "M >= N >= 1.*'best': 2"),
+                         ({"each": 0}, "got {'each': 0}"), ({"each": 2.5}, "whole numbers"),
+                         ({"each": 3, "bset": 5}, r"required_seeds: unknown keys \['bset'\]")):  # fmt: skip
+        with pytest.raises(SettingsError, match=message):
+            load_study({**smoke_study(), "required_seeds": bad})
+    assert load_study("kvasir_recipes").required_seeds == {"each": 3, "best": 5}
 
 
 def test_plateau_epoch():

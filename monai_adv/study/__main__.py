@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> Path:
         results = runner.run()
     results, stale = runner.current_results(results)
     if stale:
-        logging.getLogger(__name__).warning("left out of the page (settings differ from the study's): %s", stale)
+        logging.getLogger(__name__).warning("left out of the page: %s", "; ".join(stale))
     command = shlex.join(["python", "-m", "monai_adv.study", *(sys.argv[1:] if argv is None else argv)])
     context = {
         "command": command,

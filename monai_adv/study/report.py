@@ -283,8 +283,9 @@ def choose_default(summary: Mapping[str, Any]) -> dict[str, Any]:
     candidate)`` seeds count; the reason names those left out.
 
     Returns:
-        ``{"arm", "within_tolerance": bool, "reason", "meets_target": bool | None}``; ``arm`` is None without
-        candidates that have a control.
+        ``{"arm", "within_tolerance": bool, "reason", "meets_target": bool | None, "ranking": [arm, ...]}`` (the
+        counted candidates in the rule's order, the chosen one first); ``arm`` is None without candidates that have
+        a control.
     """
     epsilons = summary["epsilons"]
     if not epsilons:
@@ -307,6 +308,11 @@ def choose_default(summary: Mapping[str, Any]) -> dict[str, Any]:
         return {"arm": None, "within_tolerance": False, "meets_target": None,
                 "reason": "no candidate arm with a control has results yet."}  # fmt: skip
     within = [r for r in rows if r[1] >= r[3] - CLEAN_TOLERANCE]
+    # the rule's order: those within the tolerance by robust IoU, then the rest by clean + robust IoU
+    outside = [r for r in rows if r not in within]
+    ranking = [r[0] for r in sorted(within, key=lambda r: -r[2])] + [
+        r[0] for r in sorted(outside, key=lambda r: -(r[1] + r[2]))
+    ]
     if within:
         name, clean, robust, control_clean, control_robust = max(within, key=lambda r: r[2])
         reason = (f"the most robust candidate within {100 * CLEAN_TOLERANCE:.0f} clean IoU point of its control "
@@ -318,9 +324,56 @@ def choose_default(summary: Mapping[str, Any]) -> dict[str, Any]:
     if waiting:
         reason += f"; not yet counted, with fewer than {needed} seeds: {', '.join(f'`{n}`' for n in waiting)}"
     meets = bool(within) and robust >= ROBUST_FACTOR * control_robust and clean >= control_clean - CLEAN_TOLERANCE
-    return {"arm": name, "within_tolerance": bool(within), "reason": reason, "meets_target": meets,
+    return {"arm": name, "within_tolerance": bool(within), "reason": reason, "meets_target": meets, "ranking": ranking,
             "clean_iou": clean, "robust_iou": robust, "control_clean_iou": control_clean,
             "control_robust_iou": control_robust, "epsilon": epsilons[0]}  # fmt: skip
+
+
+def incomplete_parts(summary: Mapping[str, Any], spec: StudySpec, default: Mapping[str, Any]) -> list[str]:
+    """What keeps a study from being complete, one phrase each (empty when it is complete).
+
+    With ``spec.required_seeds`` ``{"each": N, "best": M}``: every arm of the study has results for at least N seeds,
+    and the first two of the rule's ranking at least M. Without it: every arm has every seed that any arm has.
+    """
+    parts = []
+    missing = [a.name for a in spec.arms if a.name not in summary["arms"]]
+    if missing:
+        parts.append("arms without results yet: " + ", ".join(f"`{m}`" for m in missing))
+    if spec.required_seeds:
+        each, best = spec.required_seeds["each"], spec.required_seeds["best"]
+        short = [n for n, e in summary["arms"].items() if len(e["seeds"]) < each]
+        if short:
+            parts.append(f"arms with fewer than {each} seeds: " + ", ".join(f"`{m}`" for m in short))
+        top = [n for n in default.get("ranking", [])[:2] if len(summary["arms"][n]["seeds"]) < best]
+        if top:
+            parts.append(f"of the two best candidates, fewer than {best} seeds: " + ", ".join(f"`{m}`" for m in top))
+    else:
+        seeds_run = sorted({s for e in summary["arms"].values() for s in e["seeds"]})
+        short = [n for n, e in summary["arms"].items() if len(e["seeds"]) < len(seeds_run)]
+        if short:
+            parts.append("arms with fewer seeds than others: " + ", ".join(f"`{m}`" for m in short))
+    return parts
+
+
+def _distance_to_target(default: Mapping[str, Any], compared: Mapping[str, Any], epsilon: float) -> str:
+    """How far the default is from the target, and which candidate comes closest to its clean tolerance while
+    keeping the robust factor: the front a user picks from when the target is not met."""
+    gap = 100 * (default["control_clean_iou"] - default["clean_iou"])
+    ratio = default["robust_iou"] / max(default["control_robust_iou"], 1e-9)
+    text = (f"It is {gap:.1f} clean IoU points below its control (the target allows {100 * CLEAN_TOLERANCE:.0f}) "
+            f"at {ratio:.2f}x its robust IoU (the target asks {ROBUST_FACTOR:g}x).")  # fmt: skip
+    robust_enough = [
+        (n, e) for n, e in compared.items() if e["candidate"] and _meets_target(e, epsilon)[1] >= ROBUST_FACTOR
+    ]
+    if robust_enough:
+        name, entry = max(
+            robust_enough, key=lambda item: np.mean(item[1]["clean_iou"]) - np.mean(item[1]["control_clean_iou"])
+        )
+        closest = 100 * (np.mean(entry["control_clean_iou"]) - np.mean(entry["clean_iou"]))
+        if name != default["arm"]:
+            text += (f" The candidate closest to the clean tolerance with at least {ROBUST_FACTOR:g}x the robust IoU is "
+                     f"`{name}`: {closest:.1f} points below `{entry['control']}` at {_meets_target(entry, epsilon)[1]:.2f}x.")  # fmt: skip
+    return text
 
 
 def _meets_target(entry: Mapping[str, Any], epsilon: float) -> tuple[bool, float]:
@@ -563,9 +616,7 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
         ),
     ]
     if context.get("stale"):
-        lines += [
-            f"- left out, run with other settings than the study's (they run again): {', '.join(context['stale'])}"
-        ]
+        lines += [f"- left out of this page: {'; '.join(context['stale'])}"]
     if context.get("source"):
         lines += [f"- about the data: {context['source']}"]
     if spec.description:
@@ -600,16 +651,9 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
                  _fmt([s / 60 for s in cost["seconds"]], digits=1),
                  ", ".join(entry["checks_failed"]) or "none"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    missing = [a.name for a in spec.arms if a.name not in summary["arms"]]
-    seeds_run = sorted({s for e in summary["arms"].values() for s in e["seeds"]})
-    short = [n for n, e in summary["arms"].items() if len(e["seeds"]) < len(seeds_run)]
-    if missing or short:
-        parts = []
-        if missing:
-            parts.append("arms without results yet: " + ", ".join(f"`{m}`" for m in missing))
-        if short:
-            parts.append("arms with fewer seeds than others: " + ", ".join(f"`{m}`" for m in short))
-        lines += ["", (f"**The study is not complete**: {'; '.join(parts)}. The default below is the rule applied to "
+    gaps = incomplete_parts(summary, spec, default)
+    if gaps:
+        lines += ["", (f"**The study is not complete**: {'; '.join(gaps)}. The default below is the rule applied to "
                   "the results there are.")]  # fmt: skip
     lines += [
         "",
@@ -652,6 +696,8 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
             f"({default['robust_iou'] / max(default['control_robust_iou'], 1e-9):.2f}x). The target is "
             + ("**met**." if default["meets_target"] else "**not met**.")
         )
+        if not default["meets_target"]:
+            lines[-1] += " " + _distance_to_target(default, compared, epsilons[0])
     # an arm outside the candidates can still meet the target: say so, or the rule hides the study's best result
     outside = [(n, e) for n, e in compared.items() if not e["candidate"] and _meets_target(e, epsilons[0])[0]]
     if outside:
@@ -720,7 +766,7 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
     dataset = Path(str(context.get("dataset_dir") or spec.dataset_dir or "data")).name
     about = {"name": spec.name, "title": spec.title, "page": page.name, "profile": spec.profile, "dataset": dataset,
              "command": context.get("command", ""), "version": context.get("version", "unknown"),
-             "complete": not missing and all(len(e["seeds"]) == len(seeds_run) for e in summary["arms"].values())}  # fmt: skip
+             "complete": not gaps}  # fmt: skip
     (figures / "summary.json").write_text(
         json.dumps({"study": about, "summary": summary, "default": default}, indent=1, default=float)
     )

@@ -327,7 +327,7 @@ class StudyRunner:
         compares runs of different settings. Arms not in the study are left out too.
 
         Returns:
-            ``(results without the stale entries, ["arm (seed s)", ...] left out)``.
+            ``(results without the stale entries, ["arm (seed s, why)", ...] left out)``.
         """
         if not self.datalists:
             # the fingerprint leaves paths out: placeholders plan the same steps without preparing the data
@@ -339,8 +339,10 @@ class StudyRunner:
             for seed, result in runs.items():
                 if arm is not None and result.get("fingerprint") == _fingerprint(self.plan(arm, int(seed))):
                     current["arms"].setdefault(name, {})[seed] = result
+                elif arm is None:
+                    stale.append(f"{name} (seed {seed}, no longer an arm of the study)")
                 else:
-                    stale.append(f"{name} (seed {seed})")
+                    stale.append(f"{name} (seed {seed}, run with other settings than the study's: it runs again)")
         current["seeds"] = sorted({int(s) for runs in current["arms"].values() for s in runs})
         return current, stale
 

@@ -45,7 +45,7 @@ STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 #: alone: a published ``--augment standard`` must not turn a study's plain control into an augmented one
 ARM_DEFAULTS: dict[str, Any] = {"augment": "none"}
 _STUDY_KEYS = {"name", "title", "description", "profile", "overrides", "plain_arm", "robustness", "arms", "page",
-               "dataset_dir", "clean_evaluations", "reference"}  # fmt: skip
+               "dataset_dir", "clean_evaluations", "reference", "required_seeds"}  # fmt: skip
 _ARM_KEYS = {"name", "label", "overrides", "offline", "init_from", "control", "candidate", "description"}
 _OFFLINE_KEYS = {"from", "method", "epsilon", "recipe"}
 _ROBUSTNESS_KEYS = {"attacks", "epsilons", "iterative_epsilons", "num_steps", "restarts", "checks", "num_examples",
@@ -94,6 +94,9 @@ class StudySpec:
         reference: published clean Dice per class to measure the arms against, ``{"label": "nnU-Net-class
             models", "dice": {"anterior": 0.89, ...}}`` (class names as in the results' ``dice_<class>``); the
             page gives each arm's distance to it.
+        required_seeds: when the study is complete, ``{"each": N, "best": M}``: every arm has at least ``each``
+            seeds and the two best candidates by the rule at least ``best`` (default ``each``). Without it, a study
+            is complete when every arm has every seed that any arm has.
         source: the study file.
     """
 
@@ -109,6 +112,7 @@ class StudySpec:
     dataset_dir: str | None = None
     clean_evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
     reference: dict[str, Any] | None = None
+    required_seeds: dict[str, int] | None = None
     source: str = ""
 
     def arm(self, name: str) -> Arm:
@@ -234,6 +238,7 @@ def load_study(source: str | os.PathLike | dict[str, Any]) -> StudySpec:
         if not isinstance(item.get("overrides", {}), dict):
             raise SettingsError(f"{where}: clean_evaluations[{key!r}].overrides must be an object of bundle settings.")
     reference = _reference(raw.get("reference"), where)
+    required_seeds = _required_seeds(raw.get("required_seeds"), where)
     plain = raw.get("plain_arm")
     if plain is not None and plain not in {a.name for a in arms}:
         raise SettingsError(f"{where}: plain_arm {plain!r} is not an arm.")
@@ -246,8 +251,25 @@ def load_study(source: str | os.PathLike | dict[str, Any]) -> StudySpec:
         name=str(raw["name"]), title=str(raw.get("title", raw["name"])), arms=arms,
         description=str(raw.get("description", "")), profile=profile, overrides=dict(raw.get("overrides", {})),
         plain_arm=plain, robustness=robustness, page=raw.get("page"), dataset_dir=raw.get("dataset_dir"),
-        clean_evaluations={str(k): dict(v) for k, v in evaluations.items()}, reference=reference, source=where,
+        clean_evaluations={str(k): dict(v) for k, v in evaluations.items()}, reference=reference,
+        required_seeds=required_seeds, source=where,
     )  # fmt: skip
+
+
+def _required_seeds(raw: Any, where: str) -> dict[str, int] | None:
+    """The checked ``required_seeds`` of a study file: ``{"each": N, "best": M}``, whole numbers with M >= N >= 1."""
+    if raw is None:
+        return None
+    form = "{'each': N, 'best': M} (seeds every arm needs, and the two best candidates; whole numbers, M >= N >= 1)"
+    if not isinstance(raw, dict) or "each" not in raw:
+        raise SettingsError(f"{where}: required_seeds must be {form}, got {raw!r}.")
+    _unknown(set(raw), {"each", "best"}, f"{where}: required_seeds")
+    values = {"each": raw["each"], "best": raw.get("best", raw["each"])}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values.values()) or not (
+        values["best"] >= values["each"] >= 1
+    ):
+        raise SettingsError(f"{where}: required_seeds must be {form}, got {raw!r}.")
+    return values
 
 
 def _reference(raw: Any, where: str) -> dict[str, Any] | None:

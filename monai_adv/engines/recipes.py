@@ -173,6 +173,18 @@ RECIPES: dict[str, dict[str, Any]] = {
         "epsilon": 1 / 255,
         "replace_fraction": 0.5,
     },
+    "nfgsm_eps1_quarter": {
+        "_desc_": "N-FGSM at 1/255 on a quarter of each batch, the rest clean: a smaller adversarial share",
+        **_NFGSM,
+        "epsilon": 1 / 255,
+        "replace_fraction": 0.25,
+    },
+    "nfgsm_eps1_eighth": {
+        "_desc_": "N-FGSM at 1/255 on an eighth of each batch (2 of 16 images), the rest clean",
+        **_NFGSM,
+        "epsilon": 1 / 255,
+        "replace_fraction": 0.125,
+    },
     "fgsm_rs": {
         "_desc_": "FGSM with a random start and a step of 1.25e, projected (Wong et al. 2020), adversarial-only",
         "epsilon": _ROBUST_EPSILON,

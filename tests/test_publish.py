@@ -49,6 +49,7 @@ def summary(default_arm: str = "nfgsm", complete: bool = True) -> dict:
             "command": "python -m monai_adv.study kvasir_recipes",
             "version": "abc123",
             "complete": complete,
+            "gaps": [] if complete else ["arms with fewer than 3 seeds: `nfgsm`"],
         },
         "summary": {"arms": arms, "epsilons": EPS, "plain_arm": "unet"},
         "default": {
@@ -117,7 +118,9 @@ def test_publish_sets_the_default_and_writes_the_numbers(bundle_copy: Path, tmp_
 
 def test_publish_refuses_and_changes_nothing(bundle_copy: Path, tmp_path: Path):
     files = {p: p.read_bytes() for p in bundle_copy.rglob("*") if p.is_file()}
-    with pytest.raises(SettingsError, match="not complete.*--allow_incomplete"):
+    with pytest.raises(
+        SettingsError, match=r"not complete \(arms with fewer than 3 seeds: `nfgsm`\).*--allow_incomplete"
+    ):
         publish(write(tmp_path, summary(complete=False)), bundle_copy)
     with pytest.raises(SettingsError, match=r"'tuned' sets \['adv#epsilon'\].*RECIPES"):
         publish(write(tmp_path, summary("tuned")), bundle_copy)
@@ -132,7 +135,7 @@ def test_publish_refuses_and_changes_nothing(bundle_copy: Path, tmp_path: Path):
     # an incomplete study may be published on request, and says so
     readme.write_text(text)
     publish(write(tmp_path, summary(complete=False)), bundle_copy, allow_incomplete=True)
-    assert "**The study is not complete**" in readme.read_text()
+    assert "**The study is not complete** (arms with fewer than 3 seeds: `nfgsm`)" in readme.read_text()
 
 
 def test_publish_command_line_names_the_problem(bundle_copy: Path, tmp_path: Path):

@@ -9,7 +9,7 @@ applies the study's choice of default (the rule on its page) and writes its evid
 - ``docs/README.md``: the "Performance" section (between ``<!-- results:begin -->`` and ``<!-- results:end -->``,
   added before "## Commands" the first time) holds the table of arms and the choice with its reason.
 
-A study that is not complete (an arm or seed missing) is refused unless ``--allow_incomplete`` is given: a default
+A study that is not complete (its page says what is missing: an arm, seeds) is refused unless ``--allow_incomplete`` is given: a default
 should not follow a partial result by accident.
 """
 
@@ -34,6 +34,11 @@ __all__ = ["BEGIN", "END", "PUBLISHABLE_KEYS", "main", "performance_section", "p
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 #: the overrides an arm may have for the bundle to take it as its default: config path of each in train.json
 PUBLISHABLE_KEYS = {"adv#recipe": ("adv", "recipe"), "augment": ("augment",)}
+
+
+def _gaps(about: dict[str, Any]) -> str:
+    """What keeps the study from being complete, as its summary says (older summaries name no gaps)."""
+    return "; ".join(about.get("gaps") or ["an arm or seed is missing"])
 
 
 def _default_settings(summary: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -85,7 +90,7 @@ def performance_section(summary: Mapping[str, Any], results_page: str = "docs/re
         "",
     ]
     if not about.get("complete", False):
-        lines += [("**The study is not complete** (an arm or seed is missing): the numbers and the default are "
+        lines += [(f"**The study is not complete** ({_gaps(about)}): the numbers and the default are "
                   "provisional."), ""]  # fmt: skip
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, entry in study["arms"].items():
@@ -149,7 +154,7 @@ def publish(
     about = summary["study"]
     if not about.get("complete", False) and not allow_incomplete:
         raise SettingsError(
-            f"{summary_path}: study {about['name']!r} is not complete (an arm or seed is missing); finish it, or pass "
+            f"{summary_path}: study {about['name']!r} is not complete ({_gaps(about)}); finish it, or pass "
             "--allow_incomplete to publish a provisional default."
         )
     bundle = Path(bundle_dir)
@@ -198,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m monai_adv.study.publish", description=__doc__.splitlines()[0])
     parser.add_argument("--summary", default="docs/recipes/summary.json", help="summary.json of a recipe study")
     parser.add_argument("--bundle", default="bundles/adversarial_unet_segmentation", help="the bundle folder")
-    parser.add_argument("--allow_incomplete", action="store_true", help="publish a study with arms or seeds missing")
+    parser.add_argument(
+        "--allow_incomplete", action="store_true", help="publish a study with arms or seeds missing (provisional)"
+    )
     args = parser.parse_args(argv)
     try:
         values = publish(args.summary, args.bundle, allow_incomplete=args.allow_incomplete)

@@ -282,14 +282,19 @@ def choose_default(summary: Mapping[str, Any]) -> dict[str, Any]:
     least twice the control's robust IoU). Only candidates with at least ``min(MIN_SEEDS, most seeds of any
     candidate)`` seeds count; the reason names those left out.
 
+    Args:
+        summary: the output of :func:`summarize`.
+
     Returns:
-        ``{"arm", "within_tolerance": bool, "reason", "meets_target": bool | None, "ranking": [arm, ...]}`` (the
-        counted candidates in the rule's order, the chosen one first); ``arm`` is None without candidates that have
+        ``{"arm", "within_tolerance": bool, "reason", "meets_target": bool | None, "ranking": [arm, ...],
+        "waiting": [arm, ...]}``: ``ranking`` is the counted candidates in the rule's order, the chosen one first;
+        ``waiting`` the candidates not yet counted for lack of seeds. ``arm`` is None without candidates that have
         a control.
     """
     epsilons = summary["epsilons"]
     if not epsilons:
-        return {"arm": None, "within_tolerance": False, "meets_target": None, "reason": "no quoted epsilon."}
+        return {"arm": None, "within_tolerance": False, "meets_target": None, "reason": "no quoted epsilon.",
+                "ranking": [], "waiting": []}  # fmt: skip
     key = f"{epsilons[0]:g}"
     candidates = {n: e for n, e in summary["arms"].items() if e["candidate"] and e.get("control_clean_iou")}
     # a candidate counts once it has as many seeds as the best-covered one, up to MIN_SEEDS: one lucky seed
@@ -305,7 +310,7 @@ def choose_default(summary: Mapping[str, Any]) -> dict[str, Any]:
         control_robust = float(np.mean(entry["control_robust_iou"][key]))
         rows.append((name, clean, robust, control_clean, control_robust))
     if not rows:
-        return {"arm": None, "within_tolerance": False, "meets_target": None,
+        return {"arm": None, "within_tolerance": False, "meets_target": None, "ranking": [], "waiting": waiting,
                 "reason": "no candidate arm with a control has results yet."}  # fmt: skip
     within = [r for r in rows if r[1] >= r[3] - CLEAN_TOLERANCE]
     # the rule's order: those within the tolerance by robust IoU, then the rest by clean + robust IoU
@@ -325,6 +330,7 @@ def choose_default(summary: Mapping[str, Any]) -> dict[str, Any]:
         reason += f"; not yet counted, with fewer than {needed} seeds: {', '.join(f'`{n}`' for n in waiting)}"
     meets = bool(within) and robust >= ROBUST_FACTOR * control_robust and clean >= control_clean - CLEAN_TOLERANCE
     return {"arm": name, "within_tolerance": bool(within), "reason": reason, "meets_target": meets, "ranking": ranking,
+            "waiting": waiting,
             "clean_iou": clean, "robust_iou": robust, "control_clean_iou": control_clean,
             "control_robust_iou": control_robust, "epsilon": epsilons[0]}  # fmt: skip
 
@@ -333,12 +339,26 @@ def incomplete_parts(summary: Mapping[str, Any], spec: StudySpec, default: Mappi
     """What keeps a study from being complete, one phrase each (empty when it is complete).
 
     With ``spec.required_seeds`` ``{"each": N, "best": M}``: every arm of the study has results for at least N seeds,
-    and the first two of the rule's ranking at least M. Without it: every arm has every seed that any arm has.
+    and the first two of the rule's ranking at least M (their controls need only N). Without it: every arm has
+    every seed that any arm has. Either way, a study with candidates must have a default, and the rule must count
+    every candidate.
+
+    Args:
+        summary: the output of :func:`summarize`.
+        spec: the study.
+        default: the output of :func:`choose_default` for ``summary``.
+
+    Returns:
+        phrases such as ``"arms with fewer than 3 seeds: `a`, `b`"``; empty when the study is complete.
     """
     parts = []
     missing = [a.name for a in spec.arms if a.name not in summary["arms"]]
     if missing:
         parts.append("arms without results yet: " + ", ".join(f"`{m}`" for m in missing))
+    if default.get("arm") is None and any(a.candidate for a in spec.arms):
+        parts.append(f"no default chosen yet ({str(default.get('reason', '')).rstrip('.')})")
+    if default.get("waiting"):
+        parts.append("candidates the rule does not count yet: " + ", ".join(f"`{m}`" for m in default["waiting"]))
     if spec.required_seeds:
         each, best = spec.required_seeds["each"], spec.required_seeds["best"]
         short = [n for n, e in summary["arms"].items() if len(e["seeds"]) < each]
@@ -356,15 +376,26 @@ def incomplete_parts(summary: Mapping[str, Any], spec: StudySpec, default: Mappi
 
 
 def _distance_to_target(default: Mapping[str, Any], compared: Mapping[str, Any], epsilon: float) -> str:
-    """How far the default is from the target, and which candidate comes closest to its clean tolerance while
-    keeping the robust factor: the front a user picks from when the target is not met."""
-    gap = 100 * (default["control_clean_iou"] - default["clean_iou"])
-    ratio = default["robust_iou"] / max(default["control_robust_iou"], 1e-9)
-    text = (f"It is {gap:.1f} clean IoU points below its control (the target allows {100 * CLEAN_TOLERANCE:.0f}) "
-            f"at {ratio:.2f}x its robust IoU (the target asks {ROBUST_FACTOR:g}x).")  # fmt: skip
-    robust_enough = [
-        (n, e) for n, e in compared.items() if e["candidate"] and _meets_target(e, epsilon)[1] >= ROBUST_FACTOR
-    ]
+    """How far a default that misses the target is from it, and which counted candidate comes closest to the
+    clean tolerance while keeping the robust factor: the front a user picks from when the target is not met.
+
+    Args:
+        default: the output of :func:`choose_default` (with an ``arm``).
+        compared: the summary's arms that have a control.
+        epsilon: the first quoted epsilon.
+
+    Returns:
+        one or two sentences for the page.
+    """
+    gap = 100 * (default["clean_iou"] - default["control_clean_iou"])
+    control_robust = default["control_robust_iou"]
+    ratio = default["robust_iou"] / control_robust if control_robust > 0 else float("inf")
+    side = "below" if gap < 0 else "above"
+    text = (f"It is {abs(gap):.1f} clean IoU points {side} its control (the target allows "
+            f"{100 * CLEAN_TOLERANCE:.0f} below) at {ratio:.2f}x its robust IoU (the target asks {ROBUST_FACTOR:g}x).")  # fmt: skip
+    counted = set(default.get("ranking", []))
+    robust_enough = [(n, e) for n, e in compared.items()
+                     if n in counted and _meets_target(e, epsilon)[1] >= ROBUST_FACTOR]  # fmt: skip
     if robust_enough:
         name, entry = max(
             robust_enough, key=lambda item: np.mean(item[1]["clean_iou"]) - np.mean(item[1]["control_clean_iou"])
@@ -766,7 +797,7 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
     dataset = Path(str(context.get("dataset_dir") or spec.dataset_dir or "data")).name
     about = {"name": spec.name, "title": spec.title, "page": page.name, "profile": spec.profile, "dataset": dataset,
              "command": context.get("command", ""), "version": context.get("version", "unknown"),
-             "complete": not gaps}  # fmt: skip
+             "complete": not gaps, "gaps": gaps}  # fmt: skip
     (figures / "summary.json").write_text(
         json.dumps({"study": about, "summary": summary, "default": default}, indent=1, default=float)
     )

@@ -257,7 +257,11 @@ def load_study(source: str | os.PathLike | dict[str, Any]) -> StudySpec:
 
 
 def _required_seeds(raw: Any, where: str) -> dict[str, int] | None:
-    """The checked ``required_seeds`` of a study file: ``{"each": N, "best": M}``, whole numbers with M >= N >= 1."""
+    """The checked ``required_seeds`` of a study file: ``{"each": N, "best": M}``, whole numbers with M >= N >= 1.
+
+    Raises:
+        SettingsError: for another form, an unknown key, or numbers out of order, naming the file and the value.
+    """
     if raw is None:
         return None
     form = "{'each': N, 'best': M} (seeds every arm needs, and the two best candidates; whole numbers, M >= N >= 1)"

@@ -36,6 +36,8 @@ def training_augmentation(
     interpolation for the label), Gaussian noise (std 0.02 of the [0, 1] intensity range) and a random gamma
     (0.8-1.2) on the image. With ``value_range`` the image is clipped back into it afterwards: the noise leaves
     the intensity range, and an attack that clamps to that range (``clamp="range"``) refuses images outside it.
+    Flips and quarter turns assume that the classes do not depend on orientation; where they do (the hippocampus'
+    anterior and posterior parts), leave ``standard`` out (the bundle's ``configs/hippocampus.json`` does).
 
     Args:
         name: ``none`` or ``standard``.

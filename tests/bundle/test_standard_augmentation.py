@@ -41,6 +41,21 @@ def test_standard_augmentation_reaches_training_only(bundle, tmp_path):
     )
 
 
+def test_hippocampus_overlay_trains_without_flips_unless_asked(bundle, tmp_path):
+    """Flips and quarter turns reverse the anterior-posterior axis that tells the hippocampus' classes apart: the 3D
+    overlay sets no augmentation over whatever train.json ships, and --augment standard still applies."""
+    from monai.bundle import ConfigParser
+
+    def transforms(**settings):
+        parser = ConfigParser()
+        parser.read_config([str(bundle.train_json), str(bundle.configs / "hippocampus.json")])
+        parser.update({"bundle_root": str(tmp_path), **settings})
+        return {type(t) for t in parser.get_parsed_content("train#augmentation")}
+
+    assert not {RandFlipd, RandRotate90d} & transforms()
+    assert {RandFlipd, RandRotate90d} <= transforms(augment="standard")
+
+
 def test_standard_augmentation_keeps_labels_integer_and_changes_images():
     image = torch.rand(3, 32, 32)
     label = (torch.rand(1, 32, 32) > 0.5).float()

@@ -309,9 +309,45 @@ def test_page_names_an_arm_outside_the_candidates_that_meets_the_target(tmp_path
             "default; not a candidate.") in text  # fmt: skip
     assert "Not candidates, and meeting the target" not in page(0.58)  # 2 points below its control
     # the target is not met: the page says how far the default is
-    assert ("The target is **not met**. It is 10.0 clean IoU points below its control (the target allows 1 below) "
+    assert ("The target is **not met**. It is 10.0 clean IoU points below `unet` (the target allows 1 below) "
             "at 4.00x its robust IoU (the target asks 2x).") in text  # fmt: skip
     assert "The candidate closest to the clean tolerance" not in text  # the default is the only candidate
+
+
+def test_a_control_weaker_than_the_plain_arm_does_not_make_a_recipe_look_accurate(tmp_path):
+    study = smoke_study()
+    study["arms"] = study["arms"][:2] + [
+        {"name": "augmented", "overrides": {"adv#method": "none", "augment": "standard"}},
+        {"name": "augmented_fgsm", "overrides": {"adv#recipe": "paper", "augment": "standard"},
+         "control": "augmented", "candidate": True},
+    ]  # fmt: skip
+    spec = load_study(study)
+
+    def result(clean, robust):
+        rows = [{"attack": "ensemble", "epsilon": 0.0, "mean_iou": clean, "mean_dice": clean},
+                {"attack": "ensemble", "epsilon": EPS, "mean_iou": robust, "mean_dice": robust}]  # fmt: skip
+        per_image = {"clean": {"a": clean}, f"ensemble@{EPS:g}": {"a": robust}}
+        return {"robustness": rows, "per_image": per_image, "val_iou": {"1": clean}, "checks": {},
+                "cost": {"train_seconds": 1.0, "iterations": 1, "images": 16}}  # fmt: skip
+
+    # augmentation costs the plain model 10 points; on top of it the recipe is within 1 point of its own control,
+    # but 9.5 below plain training, and less accurate and less robust than the other candidate
+    results = {"seeds": [0], "arms": {"unet": {"0": result(0.70, 0.60)}, "fgsm": {"0": result(0.68, 0.64)},
+                                      "augmented": {"0": result(0.60, 0.50)},
+                                      "augmented_fgsm": {"0": result(0.605, 0.55)}}}  # fmt: skip
+    summary = summarize(results, spec)
+    assert summary["arms"]["augmented_fgsm"]["clean_reference"] == "unet"
+    assert summary["arms"]["fgsm"]["clean_reference"] == "unet"  # its control is the plain arm
+    chosen = choose_default(summary)
+    assert chosen["arm"] == "fgsm" and chosen["clean_reference"] == "unet" and not chosen["within_tolerance"]
+    # with a control as good as plain training, the control is the reference, and the recipe is within it
+    results["arms"]["augmented"] = {"0": result(0.70, 0.50)}
+    results["arms"]["augmented_fgsm"] = {"0": result(0.695, 0.55)}
+    summary = summarize(results, spec)
+    assert summary["arms"]["augmented_fgsm"]["clean_reference"] == "augmented"
+    assert choose_default(summary)["arm"] == "augmented_fgsm"
+    page = write_study_report(results, spec, tmp_path, {}).read_text()
+    assert "Clean IoU 0.695 against 0.700 for `augmented`; robust IoU" in page
 
 
 def test_required_seeds_decide_when_a_study_is_complete():

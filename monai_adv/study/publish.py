@@ -108,7 +108,8 @@ def performance_section(summary: Mapping[str, Any], results_page: str = "docs/re
             "",
             (
                 f"**Default recipe: `{recipe}`** (arm `{arm}`, `adv#recipe` in `configs/train.json`): {default['reason']}. "
-                f"It {target} the target (within 1 clean IoU point of its control and at least twice its robust IoU). "
+                f"It {target} the target (within 1 clean IoU point of its reference, its control or the plain arm where "
+                "that scores higher, and at least twice its control's robust IoU). "
                 "`--adv#recipe paper` trains the paper's setting (FGSM copies at 0.1, appended)."
             ),
         ]

@@ -401,8 +401,7 @@ def _distance_to_target(default: Mapping[str, Any], compared: Mapping[str, Any],
         one or two sentences for the page.
     """
     gap = 100 * (default["clean_iou"] - default["control_clean_iou"])
-    control_robust = default["control_robust_iou"]
-    ratio = default["robust_iou"] / control_robust if control_robust > 0 else float("inf")
+    ratio = _meets_target(compared[default["arm"]], epsilon)[1]
     side = "below" if gap < 0 else "above"
     text = (f"It is {abs(gap):.1f} clean IoU points {side} `{default.get('clean_reference')}` (the target allows "
             f"{100 * CLEAN_TOLERANCE:.0f} below) at {ratio:.2f}x its robust IoU (the target asks {ROBUST_FACTOR:g}x).")  # fmt: skip
@@ -765,10 +764,12 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
         for name, entry in outside:
             arm = spec.arm(name)
             robust = float(np.mean(entry["robust_iou"][key0]))
+            reference, reference_iou = _clean_reference(entry)
+            control_named = "" if reference == entry["control"] else f" for `{entry['control']}`"
             text = (f"`{name}` ({entry['label']}, {len(entry['seeds'])} seed(s)): clean IoU "
-                    f"{np.mean(entry['clean_iou']):.3f} against {np.mean(entry['control_clean_iou']):.3f} for "
-                    f"`{entry['control']}`, robust IoU at ε {eps_names[0]} {robust:.3f} against "
-                    f"{np.mean(entry['control_robust_iou'][key0]):.3f} ({_meets_target(entry, epsilons[0])[1]:.2f}x)")  # fmt: skip
+                    f"{np.mean(entry['clean_iou']):.3f} against {np.mean(reference_iou):.3f} for "
+                    f"`{reference}`, robust IoU at ε {eps_names[0]} {robust:.3f} against "
+                    f"{np.mean(entry['control_robust_iou'][key0]):.3f}{control_named} ({_meets_target(entry, epsilons[0])[1]:.2f}x)")  # fmt: skip
             if chosen is not None:
                 text += f", against {float(np.mean(chosen['robust_iou'][key0])):.3f} for the default"
             items.append(text + (f"; {arm.description}" if arm.description else "; not a candidate"))

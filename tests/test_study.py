@@ -205,8 +205,8 @@ def test_study_file_errors_name_the_file_and_key(tmp_path):
         with pytest.raises(SettingsError, match=message):
             load_study({**smoke_study(), "reference": bad})
     assert load_study("hippocampus_recipes").reference["dice"] == {"anterior": 0.89, "posterior": 0.87}
-    assert load_study("hippocampus_recipes").clean_evaluations["bundle_windows"]["overrides"] == {
-        "validate#inferer#roi_size": [32, 32, 32]
+    assert load_study("hippocampus_recipes").clean_evaluations["single_window"]["overrides"] == {
+        "validate#inferer#roi_size": [48, 64, 48]
     }
     spec = load_study(smoke_study())
     assert [a.name for a in spec.select(["finetune"])] == ["unet", "finetune"]  # with what it builds on
@@ -477,3 +477,10 @@ def test_volume_datalists_name_files_the_bundle_finds_from_a_relative_dataset_di
         for item in items:
             for key in ("image", "label"):
                 assert (path.parent / item[key]).is_file(), (path, item[key])
+    # the test scores and attacks run through the bundle's own 32^3 windows; only the validation that picks the
+    # checkpoint takes the profile's cheaper single window
+    runner.datalists = datalists
+    steps = {step[0]: step for step in runner.plan(runner.spec.arm("nfgsm_eps1_eighth"), 0)}
+    assert steps["train"][-1]["validate#inferer#roi_size"] == [48, 64, 48]
+    assert "validate#inferer#roi_size" not in steps["robustness"][-1]
+    assert steps["robustness"][-1]["adv#recipe"] == "nfgsm_eps1_eighth"

@@ -440,7 +440,10 @@ class StudyRunner:
         settings = self.training_settings(arm, seed, datalist)
         if arm.init_from is not None:
             settings["init_ckpt"] = str(self.root(seed, arm.init_from) / "models" / "model.pt")
-        steps.append(("train", root / "training_done.json", "training", [], root, self.tracking, settings))
+        # the profile's training-only overrides (the validation that picks the checkpoint) stay out of the test
+        # scores and attacks, which run as the bundle evaluates
+        steps.append(("train", root / "training_done.json", "training", [], root, self.tracking,
+                      {**settings, **self.profile.training_overrides}))  # fmt: skip
         robust = {k: v for k, v in settings.items() if k not in (*_TRAINING_ONLY, "datalist_file")}
         robust.update({"datalist_file": str(datalists["test"]), "output_dir": str(root / "robustness_test"),
                        "num_examples": 0, **self._robustness_settings()})  # fmt: skip

@@ -352,7 +352,7 @@ def test_a_control_weaker_than_the_plain_arm_does_not_make_a_recipe_look_accurat
 
 def test_required_seeds_decide_when_a_study_is_complete():
     spec = load_study({**smoke_study(), "required_seeds": {"each": 2, "best": 3}})
-    assert spec.required_seeds == {"each": 2, "best": 3}
+    assert spec.required_seeds == {"each": 2, "best": 3, "arms": {}}
 
     def summary(**seeds):
         return {"arms": {name: {"seeds": list(range(n))} for name, n in seeds.items()}}
@@ -374,13 +374,30 @@ def test_required_seeds_decide_when_a_study_is_complete():
         "arms with fewer seeds than others: `unet`, `offline`, `finetune`"
     ]
     assert incomplete_parts(summary(unet=1, fgsm=1, offline=1, finetune=1), plain, ranking) == []
-    assert load_study({**smoke_study(), "required_seeds": {"each": 3}}).required_seeds == {"each": 3, "best": 3}
+    assert load_study({**smoke_study(), "required_seeds": {"each": 3}}).required_seeds == {
+        "each": 3,
+        "best": 3,
+        "arms": {},
+    }
+    # an arm with its own number (a check of a design decision, not a recipe) is held to it, not to `each`
+    own = load_study({**smoke_study(), "required_seeds": {"each": 3, "arms": {"offline": 1, "finetune": 2}}})
+    assert incomplete_parts(summary(unet=3, fgsm=3, offline=1, finetune=1), own, ranking) == [
+        "`finetune` has fewer than its 2 seeds"
+    ]
+    assert incomplete_parts(summary(unet=3, fgsm=3, offline=1, finetune=2), own, ranking) == []
+    assert incomplete_parts(summary(unet=2, fgsm=3, offline=0, finetune=2), own, ranking) == [
+        "arms with fewer than 3 seeds: `unet`",
+        "`offline` has fewer than its 1 seed",
+    ]
     for bad, message in ((3, "required_seeds must be"), ({"each": 3, "best": 2}, "M >= N >= 1.*'best': 2"),
                          ({"each": 0}, "got {'each': 0}"), ({"each": 2.5}, "got {'each': 2.5}"),
-                         ({"each": 3, "bset": 5}, r"required_seeds: unknown keys \['bset'\]")):  # fmt: skip
+                         ({"each": 3, "bset": 5}, r"required_seeds: unknown keys \['bset'\]"),
+                         ({"each": 3, "arms": {"nope": 1}}, r"required_seeds.arms names \['nope'\], which are not"),
+                         ({"each": 3, "arms": {"unet": 0}}, r"required_seeds.arms must be .*'unet': 0"),
+                         ({"each": 3, "arms": [1]}, r"required_seeds.arms must be")):  # fmt: skip
         with pytest.raises(SettingsError, match=message):
             load_study({**smoke_study(), "required_seeds": bad})
-    assert load_study("kvasir_recipes").required_seeds == {"each": 3, "best": 5}
+    assert load_study("kvasir_recipes").required_seeds == {"each": 3, "best": 5, "arms": {}}
     # a candidate the rule does not count yet (too few seeds) keeps the study incomplete, whatever `each` says
     lax = load_study({**smoke_study(), "required_seeds": {"each": 1, "best": 3}})
     assert incomplete_parts(summary(unet=3, fgsm=3, offline=3, finetune=3), lax,

@@ -351,10 +351,10 @@ def choose_default(summary: Mapping[str, Any]) -> dict[str, Any]:
 def incomplete_parts(summary: Mapping[str, Any], spec: StudySpec, default: Mapping[str, Any]) -> list[str]:
     """What keeps a study from being complete, one phrase each (empty when it is complete).
 
-    With ``spec.required_seeds`` ``{"each": N, "best": M}``: every arm of the study has results for at least N seeds,
-    and the first two of the rule's ranking at least M (their controls need only N). Without it: every arm has
-    every seed that any arm has. Either way, a study with candidates must have a default, and the rule must count
-    every candidate.
+    With ``spec.required_seeds`` ``{"each": N, "best": M, "arms": {ARM: K}}``: every arm of the study has results for
+    at least N seeds (an arm listed in ``arms``, its own K), and the first two of the rule's ranking at least M
+    (their controls need only N). Without it: every arm has every seed that any arm has. Either way, a study with
+    candidates must have a default, and the rule must count every candidate.
 
     Args:
         summary: the output of :func:`summarize`.
@@ -374,9 +374,13 @@ def incomplete_parts(summary: Mapping[str, Any], spec: StudySpec, default: Mappi
         parts.append("candidates the rule does not count yet: " + ", ".join(f"`{m}`" for m in default["waiting"]))
     if spec.required_seeds:
         each, best = spec.required_seeds["each"], spec.required_seeds["best"]
-        short = [n for n, e in summary["arms"].items() if len(e["seeds"]) < each]
+        own = spec.required_seeds.get("arms", {})
+        short = [n for n, e in summary["arms"].items() if n not in own and len(e["seeds"]) < each]
         if short:
             parts.append(f"arms with fewer than {each} seeds: " + ", ".join(f"`{m}`" for m in short))
+        for name, needed in own.items():
+            if name in summary["arms"] and len(summary["arms"][name]["seeds"]) < needed:
+                parts.append(f"`{name}` has fewer than its {needed} seed{'s' if needed > 1 else ''}")
         top = [n for n in default.get("ranking", [])[:2] if len(summary["arms"][n]["seeds"]) < best]
         if top:
             parts.append(f"of the two best candidates, fewer than {best} seeds: " + ", ".join(f"`{m}`" for m in top))

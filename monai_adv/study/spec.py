@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,15 +89,15 @@ class StudySpec:
         page: the page's file name under ``--output`` (default ``<name>.md``).
         dataset_dir: the data the study is about (``--dataset_dir`` overrides it), as written in the file.
         clean_evaluations: extra clean ``run evaluating`` passes over the test split, ``{name: {"label": text,
-            "overrides": {...}}}`` (e.g. the bundle's own sliding windows where the profile evaluates through one
-            window): each trained model is scored again with those overrides. They measure, they do not change
+            "overrides": {...}}}`` (e.g. the single window that the 3D profile's training validates with): each trained model is scored again with those overrides. They measure, they do not change
             what is trained or attacked, so adding one runs it for the results there are without running them again.
         reference: published clean Dice per class to measure the arms against, ``{"label": "nnU-Net-class
             models", "dice": {"anterior": 0.89, ...}}`` (class names as in the results' ``dice_<class>``); the
             page gives each arm's distance to it.
-        required_seeds: when the study is complete, ``{"each": N, "best": M}``: every arm has at least ``each``
-            seeds and the two best candidates by the rule at least ``best`` (default ``each``). Without it, a study
-            is complete when every arm has every seed that any arm has.
+        required_seeds: when the study is complete, ``{"each": N, "best": M, "arms": {ARM: K}}``: every arm has
+            at least ``each`` seeds (or its own ``K``: a check of a design decision rather than a recipe) and the
+            two best candidates by the rule at least ``best`` (default ``each``). Without it, a study is complete
+            when every arm has every seed that any arm has.
         source: the study file.
     """
 
@@ -112,7 +113,7 @@ class StudySpec:
     dataset_dir: str | None = None
     clean_evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
     reference: dict[str, Any] | None = None
-    required_seeds: dict[str, int] | None = None
+    required_seeds: dict[str, Any] | None = None
     source: str = ""
 
     def arm(self, name: str) -> Arm:
@@ -238,7 +239,7 @@ def load_study(source: str | os.PathLike | dict[str, Any]) -> StudySpec:
         if not isinstance(item.get("overrides", {}), dict):
             raise SettingsError(f"{where}: clean_evaluations[{key!r}].overrides must be an object of bundle settings.")
     reference = _reference(raw.get("reference"), where)
-    required_seeds = _required_seeds(raw.get("required_seeds"), where)
+    required_seeds = _required_seeds(raw.get("required_seeds"), where, [a.name for a in arms])
     plain = raw.get("plain_arm")
     if plain is not None and plain not in {a.name for a in arms}:
         raise SettingsError(f"{where}: plain_arm {plain!r} is not an arm.")
@@ -256,24 +257,35 @@ def load_study(source: str | os.PathLike | dict[str, Any]) -> StudySpec:
     )  # fmt: skip
 
 
-def _required_seeds(raw: Any, where: str) -> dict[str, int] | None:
-    """The checked ``required_seeds`` of a study file: ``{"each": N, "best": M}``, whole numbers with M >= N >= 1.
+def _required_seeds(raw: Any, where: str, arm_names: Sequence[str]) -> dict[str, Any] | None:
+    """The checked ``required_seeds`` of a study file: ``{"each": N, "best": M, "arms": {ARM: K}}``, whole numbers
+    with M >= N >= 1 and K >= 1 (``best`` defaults to N, ``arms`` to none).
 
     Raises:
-        SettingsError: for another form, an unknown key, or numbers out of order, naming the file and the value.
+        SettingsError: for another form, an unknown key or arm, or numbers out of order, naming the file and the
+            value.
     """
     if raw is None:
         return None
-    form = "{'each': N, 'best': M} (seeds every arm needs, and the two best candidates; whole numbers, M >= N >= 1)"
+    form = ("{'each': N, 'best': M, 'arms': {ARM: K}} (seeds every arm needs, the two best candidates, and arms "
+            "that need another number; whole numbers, M >= N >= 1, K >= 1)")  # fmt: skip
     if not isinstance(raw, dict) or "each" not in raw:
         raise SettingsError(f"{where}: required_seeds must be {form}, got {raw!r}.")
-    _unknown(set(raw), {"each", "best"}, f"{where}: required_seeds")
+    _unknown(set(raw), {"each", "best", "arms"}, f"{where}: required_seeds")
     values = {"each": raw["each"], "best": raw.get("best", raw["each"])}
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values.values()) or not (
-        values["best"] >= values["each"] >= 1
-    ):
+    per_arm = raw.get("arms", {})
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    if not all(whole(v) for v in values.values()) or not values["best"] >= values["each"]:
         raise SettingsError(f"{where}: required_seeds must be {form}, got {raw!r}.")
-    return values
+    if not isinstance(per_arm, dict) or not all(whole(v) for v in per_arm.values()):
+        raise SettingsError(f"{where}: required_seeds.arms must be {{ARM: K}} with whole K >= 1, got {per_arm!r}.")
+    unknown = sorted(set(per_arm) - set(arm_names))
+    if unknown:
+        raise SettingsError(f"{where}: required_seeds.arms names {unknown}, which are not arms of the study.")
+    return {**values, "arms": {str(k): int(v) for k, v in per_arm.items()}}
 
 
 def _reference(raw: Any, where: str) -> dict[str, Any] | None:

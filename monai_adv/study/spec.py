@@ -89,8 +89,9 @@ class StudySpec:
         page: the page's file name under ``--output`` (default ``<name>.md``).
         dataset_dir: the data the study is about (``--dataset_dir`` overrides it), as written in the file.
         clean_evaluations: extra clean ``run evaluating`` passes over the test split, ``{name: {"label": text,
-            "overrides": {...}}}`` (e.g. the single window that the 3D profile's training validates with): each trained model is scored again with those overrides. They measure, they do not change
-            what is trained or attacked, so adding one runs it for the results there are without running them again.
+            "overrides": {...}}}`` (e.g. the single window that the 3D profile's training validates with): each
+            trained model is scored again with those overrides. They measure, they do not change what is trained or
+            attacked, so adding one runs it for the results there are without running them again.
         reference: published clean Dice per class to measure the arms against, ``{"label": "nnU-Net-class
             models", "dice": {"anterior": 0.89, ...}}`` (class names as in the results' ``dice_<class>``); the
             page gives each arm's distance to it.
@@ -285,7 +286,7 @@ def _required_seeds(raw: Any, where: str, arm_names: Sequence[str]) -> dict[str,
     unknown = sorted(set(per_arm) - set(arm_names))
     if unknown:
         raise SettingsError(f"{where}: required_seeds.arms names {unknown}, which are not arms of the study.")
-    return {**values, "arms": {str(k): int(v) for k, v in per_arm.items()}}
+    return {**values, "arms": dict(per_arm)}
 
 
 def _reference(raw: Any, where: str) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from monai_adv.study.report import (
     epsilon_name,
     incomplete_parts,
     step_ratio,
+    study_compute,
     summarize,
     write_study_report,
 )
@@ -440,6 +441,44 @@ def test_summary_reads_costs_and_ratio_from_the_files(tmp_path):
     results["arms"]["fgsm"]["0"]["machine"] = "a third machine"  # no plain run there: the same seed's, marked
     fgsm = summarize(results, spec)["arms"]["fgsm"]
     assert fgsm["step_ratio"] == [pytest.approx(3.4)] and fgsm["step_ratio_notes"] == ["other machine"]
+
+
+def test_page_states_the_compute_behind_its_results_and_a_rebuild_that_ran_nothing(tmp_path):
+    spec = load_study(smoke_study())
+
+    def result(train, robustness=None, offline=0.0, evaluation=None):
+        rows = [{"attack": "ensemble", "epsilon": 0.0, "mean_iou": 0.6, "mean_dice": 0.7},
+                {"attack": "ensemble", "epsilon": EPS, "mean_iou": 0.3, "mean_dice": 0.4}]  # fmt: skip
+        out = {"robustness": rows, "per_image": {}, "val_iou": {"1": 0.6}, "checks": {},
+               "cost": {"train_seconds": train - 60, "wall_seconds": train, "offline_seconds": offline,
+                        "iterations": 10, "images": 160}}  # fmt: skip
+        if robustness is not None:
+            out["robustness_seconds"] = robustness
+        if evaluation is not None:
+            out["clean_evaluations"] = {"window": {"metrics": {}, "seconds": evaluation}}
+        return out
+
+    # the offline arm builds on the UNet: its training is counted once here (arm_cost counts it again for the arm)
+    results = {"seeds": [0, 1], "arms": {
+        "unet": {"0": result(3600, 1800, evaluation=360), "1": result(3600, 5400)},
+        "offline": {"0": result(1800, 3600, offline=720)},
+        "fgsm": {"0": result(7200)},  # recorded before robustness time was kept
+    }}  # fmt: skip
+    compute = study_compute(results)
+    assert compute == {"runs": 4, "train_seconds": 16200, "offline_seconds": 720, "robustness_seconds": 10800,
+                       "evaluation_seconds": 360, "total_seconds": 28080}  # fmt: skip
+    page = write_study_report(results, spec, tmp_path, {}).read_text()
+    assert ("- compute behind this page: 4 arm-seed runs, 7.8 h of wall time (training 4.5 h, offline copies 12 min, "
+            "robustness 3.0 h, clean evaluations 6 min; each run's own steps") in page  # fmt: skip
+    lines = page.splitlines()
+    start = next(i for i, line in enumerate(lines) if "| robustness min |" in line)  # the table of arms
+    header = lines[start].split(" | ")
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in lines[start + 2 : start + 5]}
+    assert rows["| fgsm (`fgsm`)"][header.index("robustness min")] == "–"
+    assert rows["| unet (`unet`)"][header.index("robustness min")] == "60.0 ± 42.4"
+    assert "none: this call rebuilt the page from the results file" in page
+    ran = write_study_report(results, spec, tmp_path, {"commands": ["monai.bundle run training ..."]}).read_text()
+    assert "monai.bundle run training ..." in ran and "none: this call rebuilt" not in ran
 
 
 def test_reference_distances_are_the_mean_clean_dice_minus_the_reference():

@@ -40,6 +40,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working directory where it lies under it: the page does not name this machine's
+    folders."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> Path:
     from monai_adv.hardware import machine_summary
     from monai_adv.reproduce.__main__ import code_version, dataset_citation
@@ -70,7 +79,7 @@ def main(argv: list[str] | None = None) -> Path:
     command = shlex.join(["python", "-m", "monai_adv.study", *(sys.argv[1:] if argv is None else argv)])
     context = {
         "command": command,
-        "study_file": spec.source,
+        "study_file": _shown_path(spec.source),
         "version": code_version(),
         "machine": machine_summary(),
         "wall_time_s": time.perf_counter() - start,

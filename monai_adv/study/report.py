@@ -25,6 +25,7 @@ __all__ = [
     "paired_bootstrap",
     "plateau_epoch",
     "step_ratio",
+    "study_compute",
     "summarize",
     "write_study_report",
 ]
@@ -140,6 +141,49 @@ def arm_cost(results: Mapping[str, Any], spec: StudySpec, arm: str, seed: str) -
     return {**total, "own_seconds": float(cost["train_seconds"])}
 
 
+def study_compute(results: Mapping[str, Any]) -> dict[str, float]:
+    """The wall time behind a study's results: every arm-seed's own steps, each counted once (what an arm builds on
+    is its own arm-seed, so unlike :func:`arm_cost` nothing is counted twice).
+
+    Results recorded before a step's time was kept count that step as 0 s.
+
+    Returns:
+        ``{"runs", "train_seconds", "offline_seconds", "robustness_seconds", "evaluation_seconds",
+        "total_seconds"}`` (training: the whole training step, validation included).
+    """
+    total = {"runs": 0.0, "train_seconds": 0.0, "offline_seconds": 0.0, "robustness_seconds": 0.0,
+             "evaluation_seconds": 0.0}  # fmt: skip
+    for runs in results.get("arms", {}).values():
+        for result in runs.values():
+            cost = result.get("cost", {})
+            total["runs"] += 1
+            total["train_seconds"] += float(cost.get("wall_seconds", cost.get("train_seconds", 0.0)))
+            total["offline_seconds"] += float(cost.get("offline_seconds", 0.0))
+            total["robustness_seconds"] += float(result.get("robustness_seconds", 0.0))
+            total["evaluation_seconds"] += sum(
+                float(e.get("seconds", 0.0)) for e in result.get("clean_evaluations", {}).values()
+            )
+    total["total_seconds"] = sum(v for k, v in total.items() if k.endswith("_seconds"))
+    return total
+
+
+def _compute_line(results: Mapping[str, Any]) -> str:
+    compute = study_compute(results)
+
+    def hours(key: str) -> str:  # or minutes, or seconds: a clean evaluation of a few seconds is not "0.0 h"
+        seconds = compute[key]
+        if seconds >= 3600:
+            return f"{seconds / 3600:.1f} h"
+        return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+    parts = [f"training {hours('train_seconds')}"]
+    parts += [f"offline copies {hours('offline_seconds')}"] * (compute["offline_seconds"] > 0)
+    parts += [f"robustness {hours('robustness_seconds')}"]
+    parts += [f"clean evaluations {hours('evaluation_seconds')}"] * (compute["evaluation_seconds"] > 0)
+    return (f"- compute behind this page: {compute['runs']:.0f} arm-seed runs, {hours('total_seconds')} of wall time "
+            f"({', '.join(parts)}; each run's own steps, on the machines above)")  # fmt: skip
+
+
 def step_ratio(cost: Mapping[str, Any], plain_cost: Mapping[str, Any]) -> tuple[float, str]:
     """An arm's time per optimiser step as a multiple of the plain arm's (its own training, not what it builds on).
 
@@ -249,6 +293,8 @@ def summarize(results: Mapping[str, Any], spec: StudySpec) -> dict[str, Any]:
         }
         costs = [arm_cost(results, spec, arm.name, s) for s in seeds]
         entry["cost"] = {key: [c[key] for c in costs] for key in costs[0]}
+        entry["robustness_seconds"] = [float(runs[s]["robustness_seconds"]) for s in seeds
+                                       if "robustness_seconds" in runs[s]]  # fmt: skip
         if plain and plain in results["arms"]:
             ratios, clocks, notes = [], [], []
             for s in seeds:
@@ -671,6 +717,7 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
             f"- this call's wall time: {context.get('wall_time_s', 0) / 60:.1f} min ({len(context.get('resumed', []))} "
             "steps skipped because they had already run)"
         ),
+        _compute_line(results),
     ]
     if context.get("stale"):
         lines += [f"- left out of this page: {'; '.join(context['stale'])}"]
@@ -700,7 +747,8 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
     ]
     lines += ["", "## Arms", ""]
     header = ["arm", "seeds", "clean IoU", "clean Dice", *[f"robust IoU {n}" for n in eps_names],
-              "steps", "images seen", "time/step vs plain", "training min", "checks failed"]  # fmt: skip
+              "steps", "images seen", "time/step vs plain", "training min", "robustness min",
+              "checks failed"]  # fmt: skip
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in summary["arms"].items():
         cost = entry["cost"]
@@ -709,6 +757,7 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
                  f"{np.mean(cost['iterations']):.0f}", f"{np.mean(cost['images']):.0f}",
                  _ratio_cell(entry),
                  _fmt([s / 60 for s in cost["seconds"]], digits=1),
+                 _fmt([s / 60 for s in entry["robustness_seconds"]], digits=1) if entry["robustness_seconds"] else "–",
                  ", ".join(entry["checks_failed"]) or "none"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     gaps = incomplete_parts(summary, spec, default)
@@ -718,8 +767,9 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
     lines += [
         "",
         (
-            "Steps, images and minutes include what an arm builds on (the clean training a fine-tune starts from, the "
-            "model and the writing of offline copies); time per step is the arm's own, against the plain arm "
+            "Steps, images and training minutes include what an arm builds on (the clean training a fine-tune starts "
+            "from, the model and the writing of offline copies); robustness minutes are the wall time of the arm's own "
+            "`run robustness`; time per step is the arm's own, against the plain arm "
             f"(`{summary['plain_arm']}`) of the same seed on the same machine (else the mean of its runs on this "
             "arm's machine; a ratio marked *other machine* had neither), in CPU time where both runs recorded it (a "
             "ratio marked *wall* is in wall time, which another job on the machine stretches)."
@@ -822,7 +872,13 @@ def write_study_report(results: Mapping[str, Any], spec: StudySpec, output: Path
         text = text if text.endswith(("?", ".")) else text + "."
         lines.append(f"- `{arm.name}`: {text} `{overrides}`" + (f"; {'; '.join(extra)}" if extra else ""))
     lines += ["", "<details><summary>Every workflow of this call</summary>", "", "```"]
-    lines += list(dict.fromkeys(context.get("commands", [])))
+    # a page rebuilt from the results file (--report_only) ran no workflow: say so rather than show an empty list
+    lines += list(dict.fromkeys(context.get("commands", []))) or [
+        (
+            "none: this call rebuilt the page from the results file; the study's command without --report_only runs "
+            "whatever is missing, one arm-seed after another"
+        )
+    ]
     lines += ["```", "", "</details>", ""]
     page = output / (spec.page or f"{spec.name}.md")
     page.write_text("\n".join(lines))

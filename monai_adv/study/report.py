@@ -170,17 +170,17 @@ def study_compute(results: Mapping[str, Any]) -> dict[str, float]:
 def _compute_line(results: Mapping[str, Any]) -> str:
     compute = study_compute(results)
 
-    def hours(key: str) -> str:  # or minutes, or seconds: a clean evaluation of a few seconds is not "0.0 h"
+    def duration(key: str) -> str:  # hours, minutes or seconds: a clean evaluation of a few seconds is not "0.0 h"
         seconds = compute[key]
         if seconds >= 3600:
             return f"{seconds / 3600:.1f} h"
         return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
-    parts = [f"training {hours('train_seconds')}"]
-    parts += [f"offline copies {hours('offline_seconds')}"] * (compute["offline_seconds"] > 0)
-    parts += [f"robustness {hours('robustness_seconds')}"]
-    parts += [f"clean evaluations {hours('evaluation_seconds')}"] * (compute["evaluation_seconds"] > 0)
-    return (f"- compute behind this page: {compute['runs']:.0f} arm-seed runs, {hours('total_seconds')} of wall time "
+    parts = [f"training {duration('train_seconds')}"]
+    parts += [f"offline copies {duration('offline_seconds')}"] * (compute["offline_seconds"] > 0)
+    parts += [f"robustness {duration('robustness_seconds')}"]
+    parts += [f"clean evaluations {duration('evaluation_seconds')}"] * (compute["evaluation_seconds"] > 0)
+    return (f"- compute behind this page: {compute['runs']:.0f} arm-seed runs, {duration('total_seconds')} of wall time "
             f"({', '.join(parts)}; each run's own steps, on the machines above)")  # fmt: skip
 
 

@@ -27,6 +27,7 @@ Dice per class.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -168,6 +169,17 @@ def _image_names(batch: Any, key: str, first_index: int) -> list[str]:
     return [str(first_index + i) for i in range(size)]
 
 
+def _describe(value: Any) -> Any:
+    """A stable description of an object's kind and plain settings (``repr`` may hold a memory address)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    settings = sorted(getattr(value, "__dict__", {}).items())
+    plain = {k: _describe(v) for k, v in settings if isinstance(v, (bool, int, float, str, list, tuple))}
+    return {"type": f"{type(value).__module__}.{type(value).__qualname__}", **plain}
+
+
 def _nanmean(values: torch.Tensor, dim: int) -> torch.Tensor:
     valid = ~torch.isnan(values)
     total = torch.where(valid, values, torch.zeros_like(values)).sum(dim)
@@ -252,9 +264,15 @@ class RobustnessEvaluator(Engine):
         inferer: the evaluation's MONAI inferer (e.g. ``SlidingWindowInferer``); predictions and every attack go
             through it (:class:`~monai_adv.evaluation.InfererNetwork`), so the gradient flows through
             ``sliding_window_inference``. Default: the network on the whole input.
+        progress_file: where the run keeps what it has measured after every batch (None: nowhere). A run stopped
+            part way (a kill, the end of a session) and started again with the same network weights, settings
+            and data continues after the last finished batch, with the same random state, so its results equal
+            those of an uninterrupted run; a file written for other weights or settings is ignored (and replaced),
+            a file whose images differ from the loader's is refused. Removed when the run completes.
 
     Raises:
-        ValueError: for an unknown attack or loss, bad epsilons, steps or restarts (naming the option).
+        ValueError: for an unknown attack or loss, bad epsilons, steps or restarts (naming the option); at run
+            time, for a ``progress_file`` whose images are not the loader's.
     """
 
     def __init__(
@@ -289,6 +307,7 @@ class RobustnessEvaluator(Engine):
         image_key: str = "image",
         label_key: str = "label",
         inferer: Callable[..., Any] | None = None,
+        progress_file: str | os.PathLike | None = None,
     ) -> None:
         attacks = [attacks] if isinstance(attacks, str) else list(attacks)
         unknown = [a for a in attacks if str(a).lower() not in ATTACKS]
@@ -360,12 +379,27 @@ class RobustnessEvaluator(Engine):
         self._num_images = 0
         self._batch_index = 0
         self._image_names: list[str] = []
+        self._batch_sizes: list[int] = []
         # Registered before any handler attaches, so that the files exist when MLFlowHandler logs artifacts.
         self.add_event_handler(Events.STARTED, self._reset)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._finish)
         self.handlers = [h for h in (handlers or ()) if h is not None]  # a disabled config entry is None
         for handler in self.handlers:
             handler.attach(self)
+        self.progress_file = None if progress_file is None else Path(progress_file)
+        #: batches of this run restored from ``progress_file`` (skipped, not measured again)
+        self.restored_batches = 0
+        self._run_fingerprint = ""
+        self._settings = {
+            "attacks": self.attacks, "epsilons": self.epsilons, "iterative_epsilons": self.iterative_epsilons,
+            "specs": {f"{a}/{loss}": repr(spec) for (a, loss), spec in self.specs.items()},
+            "single": repr(self.single), "checks": self.checks_enabled, "check_epsilon": self.check_epsilon,
+            "masking_epsilon": self.masking_epsilon, "num_examples": self.num_examples,
+            "example_epsilon": self.example_epsilon, "num_classes": self.num_classes, "seed": self.seed,
+            "amp": bool(amp), "inferer": _describe(inferer), "postprocessing": postprocessing is not None,
+        }  # fmt: skip
+        # after the handlers: the CheckpointLoader has loaded the weights that the progress file must match
+        self.add_event_handler(Events.STARTED, self._restore_progress)
 
     def run(self, data: Any = None, max_epochs: int = 1, **kwargs: Any):
         return super().run(self.data_loader if data is None else data, max_epochs=max_epochs, **kwargs)
@@ -374,7 +408,7 @@ class RobustnessEvaluator(Engine):
     def _reset(self) -> None:
         self._generator.manual_seed(self.seed)
         self._scores, self.examples, self._num_images, self._batch_index = {}, {}, 0, 0
-        self.rows, self.checks, self._image_names = [], {}, []
+        self.rows, self.checks, self._image_names, self._batch_sizes = [], {}, [], []
 
     def _loss_name(self, spec_loss: str) -> str:
         return type(self.loss_function).__name__ if spec_loss == "training" else spec_loss
@@ -404,6 +438,9 @@ class RobustnessEvaluator(Engine):
         return pred
 
     def _iteration(self, engine: Engine, batch: dict) -> dict:
+        if engine.state.iteration <= self.restored_batches:
+            self._check_restored_batch(engine.state.iteration - 1, batch)
+            return {}  # measured before the run was stopped (its scores came from the progress file)
         # plain tensors: metadata tracking would only slow the many forward passes down
         self._image_names.extend(_image_names(batch, self.image_key, self._num_images))
         images = convert_to_tensor(batch[self.image_key], track_meta=False).to(self.device)
@@ -441,7 +478,83 @@ class RobustnessEvaluator(Engine):
                                dict(zip(sweep_eps, swept.get("invfgsm", []))))  # fmt: skip
         self._num_images += images.shape[0]
         self._batch_index += 1
+        self._batch_sizes.append(images.shape[0])
+        self._save_progress()
         return {}
+
+    # -- progress (a stopped run continues) -----------------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        """What the measurements depend on besides the data: the settings and the weights (a digest)."""
+        digest = hashlib.sha256()
+        for network in (self.network, self.surrogate):
+            for name, tensor in ({} if network is None else network.state_dict()).items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return json.dumps({**self._settings, "weights": digest.hexdigest()}, sort_keys=True)
+
+    def _save_progress(self) -> None:
+        if self.progress_file is None:
+            return
+        state = {
+            "fingerprint": self._run_fingerprint,
+            "rows": [[r.attack, r.loss, r.epsilon, r.num_steps, r.restarts] for r in self._scores],
+            "scores": [
+                {k: getattr(s, k) for k in ("iou", "dice", "intersection", "union")} for s in self._scores.values()
+            ],
+            "image_names": self._image_names,
+            "batch_sizes": self._batch_sizes,
+            "examples": self.examples,
+            "generator": self._generator.get_state(),
+            "global_generator": torch.get_rng_state(),
+        }
+        self.progress_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.progress_file.with_name(self.progress_file.name + ".partial")
+        torch.save(state, partial)
+        os.replace(partial, self.progress_file)  # atomic: a kill while writing leaves the previous file
+
+    def _restore_progress(self) -> None:
+        self.restored_batches = 0
+        if self.progress_file is None:
+            return
+        # the digest of the weights now loaded, computed once per run (the weights do not change during it)
+        self._run_fingerprint = self._fingerprint()
+        if not self.progress_file.is_file():
+            return
+        try:
+            state = torch.load(self.progress_file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - an unreadable file is only lost progress
+            self.logger.warning(
+                "progress file %s cannot be read (%s): starting from the first batch", self.progress_file, err
+            )
+            return
+        if state.get("fingerprint") != self._run_fingerprint:
+            self.logger.warning("progress file %s was written for other weights or settings: starting from the first "
+                                "batch (it is replaced)", self.progress_file)  # fmt: skip
+            return
+        self._scores = {}
+        for row, scores in zip(state["rows"], state["scores"]):
+            restored = self._scores.setdefault(_Row(*row), _Scores())
+            for name, values in scores.items():
+                setattr(restored, name, list(values))
+        self._image_names, self._batch_sizes = list(state["image_names"]), list(state["batch_sizes"])
+        self.examples = {name: list(images) for name, images in state["examples"].items()}
+        self._generator.set_state(state["generator"])
+        torch.set_rng_state(state["global_generator"])
+        self._batch_index = self.restored_batches = len(self._batch_sizes)
+        self._num_images = sum(self._batch_sizes)
+        self.logger.info("continuing from %s: %d batches (%d images) already measured", self.progress_file,
+                         self._batch_index, self._num_images)  # fmt: skip
+
+    def _check_restored_batch(self, index: int, batch: dict) -> None:
+        """A skipped batch must hold the images the progress file measured (else its scores belong to others)."""
+        first = sum(self._batch_sizes[:index])
+        names = _image_names(batch, self.image_key, first)
+        expected = self._image_names[first : first + self._batch_sizes[index]]
+        if names != expected:
+            raise ValueError(
+                f"progress file {self.progress_file} measured images {expected} as batch {index + 1}, but the loader "
+                f"gives {names}: the data changed. Delete the file to evaluate from the first batch."
+            )
 
     def _noise(self, images: torch.Tensor, eps: float) -> torch.Tensor:
         noise = torch.rand(images.shape, generator=self._generator, device=images.device, dtype=images.dtype)
@@ -582,6 +695,8 @@ class RobustnessEvaluator(Engine):
         if self.examples:
             self.files.append(save_example_grid(self.examples, self.output_dir / "robustness_examples.png"))
         self._add_mlflow_artifacts()
+        if self.progress_file is not None:
+            self.progress_file.unlink(missing_ok=True)  # complete: a new run measures again
         self.logger.info("robustness of %s on %d images: wrote %s\n%s", self.checkpoint, self._num_images,
                          self.files, format_table(rows))  # fmt: skip
 

@@ -115,3 +115,46 @@ def test_missing_checkpoint_is_explained(bundle, tmp_path, restore_determinism):
         workflow.initialize()
     text = f"{info.value} {info.value.__cause__}"
     assert "checkpoint to evaluate (ckpt_path)" in text and str(tmp_path / "models" / "model.pt") in text
+
+
+class _StopAfterFirstBatch:
+    """Ends a run after its first batch, as a kill or the end of a session would."""
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self.stop)
+
+    def stop(self) -> None:
+        raise KeyboardInterrupt("stopped part way")
+
+
+def test_a_stopped_run_robustness_continues_where_it_stopped(
+    bundle, trained_bundle, tmp_path, one_torch_thread, restore_determinism
+):
+    from monai.bundle import ConfigWorkflow
+
+    root = bundle.copy_outputs(trained_bundle.root, tmp_path / "bundle")
+    # two batches of 4, the cheap attacks with random starts and noise
+    settings = {**eval_settings(bundle), **BUDGET, "batch_size": 4, "attacks": ["fgsm", "pgd", "noise", "ensemble"],
+                "num_examples": 0}  # fmt: skip
+    args = ("run", "robustness", "--config_file", robustness_configs(bundle), "--bundle_root", root)
+    bundle.run(*args, "--output_dir", root / "whole", *bundle.overrides(settings))
+    stopped = root / "stopped"
+    workflow = ConfigWorkflow(
+        config_file=[str(bundle.train_json), str(bundle.configs / "robustness.json")], workflow_type=None,
+        logging_file=False, bundle_root=str(root), output_dir=str(stopped), handlers=[_StopAfterFirstBatch()],
+        **settings,
+    )  # fmt: skip
+    workflow.initialize()
+    with pytest.raises(KeyboardInterrupt):
+        workflow.run()
+    assert (stopped / "robustness_progress.pt").is_file() and not (stopped / "robustness.json").exists()
+
+    run = bundle.run(*args, "--output_dir", stopped, *bundle.overrides(settings))
+    assert "continuing from" in run.output and "1 batches (4 images) already measured" in run.output
+    whole, continued = (json.loads((root / d / "robustness.json").read_text()) for d in ("whole", "stopped"))
+    assert continued["num_images"] == 8 and continued["results"] == whole["results"]
+    assert (
+        not (stopped / "robustness_progress.pt").exists() and not (root / "whole" / "robustness_progress.pt").exists()
+    )

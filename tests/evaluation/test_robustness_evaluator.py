@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.losses import DiceCELoss
 from monai.metrics import MeanIoU
 from monai.networks.utils import one_hot
@@ -256,3 +257,87 @@ def test_iterative_epsilons_limit_the_costly_attacks(tmp_path, make_tiny_net, ma
     assert ("pgd", 0.1) not in measured and ("ensemble", 0.1) not in measured and ("ensemble", 0.02) in measured
     with pytest.raises(ValueError, match="not among the epsilons"):
         RobustnessEvaluator(net, loss, data, tmp_path, epsilons=[0, 0.02], iterative_epsilons=[0.05])
+
+
+class _StopAfter:
+    """Stops a run after ``batches`` batches, as a kill or the end of a session would."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=self.batches), self.stop)
+
+    def stop(self) -> None:
+        raise KeyboardInterrupt("stopped part way")
+
+
+def _named_batches(square_data, names: list[list[str]]) -> list[dict]:
+    out = []
+    for seed, batch_names in enumerate(names):
+        images, labels = square_data(batch=len(batch_names), size=16, seed=seed)
+        out.append({"image": images, "label": labels, "id": batch_names})
+    return out
+
+
+# random starts, noise and the checks' extra runs: every use of the random state a continued run must restore
+RANDOM_RUN = {"attacks": ["fgsm", "pgd", "apgd", "noise", "ensemble"], "apgd_losses": ["js"],
+              "epsilons": [0, 0.03, 0.06], "num_steps": 3, "num_examples": 2, "masking_epsilon": 0.5}  # fmt: skip
+
+
+def test_a_stopped_run_continues_from_its_progress_file_with_the_results_of_an_uninterrupted_one(
+    tmp_path, make_tiny_net, make_square_data
+):
+    net, loss = make_tiny_net(seed=3), DiceCELoss(to_onehot_y=True, softmax=True)
+    data = _named_batches(make_square_data, [["a", "b"], ["c", "d"], ["e", "f"]])
+    whole = RobustnessEvaluator(net, loss, data, tmp_path / "whole", **RANDOM_RUN)
+    whole.run()
+    progress = tmp_path / "stopped" / "robustness_progress.pt"
+    stopped = RobustnessEvaluator(net, loss, data, tmp_path / "stopped", progress_file=progress,
+                                  handlers=[_StopAfter(2)], **RANDOM_RUN)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run()
+    assert progress.is_file() and not (tmp_path / "stopped" / "robustness.json").exists()
+    torch.manual_seed(1234)  # another process: the global random state is not what the stopped run left
+    continued = RobustnessEvaluator(net, loss, data, tmp_path / "stopped", progress_file=progress, **RANDOM_RUN)
+    continued.run()
+    assert continued.restored_batches == 2
+    assert continued.rows == whole.rows  # exactly: the same random starts and noise as without the stop
+    assert continued.checks == whole.checks
+    per_image = "robustness_per_image.csv"
+    assert (tmp_path / "stopped" / per_image).read_text() == (tmp_path / "whole" / per_image).read_text()
+    assert [len(v) for v in continued.examples.values()] == [len(v) for v in whole.examples.values()]
+    assert not progress.exists()  # complete: a later run measures again
+
+
+def test_a_progress_file_of_other_weights_is_ignored_and_one_of_other_images_is_refused(
+    tmp_path, make_tiny_net, make_square_data
+):
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    data = _named_batches(make_square_data, [["a", "b"], ["c", "d"]])
+    progress = tmp_path / "robustness_progress.pt"
+    with pytest.raises(KeyboardInterrupt):
+        RobustnessEvaluator(make_tiny_net(seed=3), loss, data, tmp_path, progress_file=progress,
+                            handlers=[_StopAfter(1)], **RANDOM_RUN).run()  # fmt: skip
+    kept = progress.read_bytes()
+    other_data = _named_batches(make_square_data, [["x", "y"], ["c", "d"]])
+    with pytest.raises(ValueError, match=r"robustness_progress.pt measured images \['a', 'b'\] as batch 1, but the "
+                                         r"loader gives \['x', 'y'\]"):  # fmt: skip
+        RobustnessEvaluator(make_tiny_net(seed=3), loss, other_data, tmp_path, progress_file=progress,
+                            **RANDOM_RUN).run()  # fmt: skip
+    assert progress.read_bytes() == kept  # refused: nothing measured is lost
+    retrained = RobustnessEvaluator(make_tiny_net(seed=4), loss, data, tmp_path, progress_file=progress, **RANDOM_RUN)
+    retrained.run()
+    assert retrained.restored_batches == 0 and retrained._num_images == 4
+    other_settings = dict(RANDOM_RUN, num_steps=4)
+    with pytest.raises(KeyboardInterrupt):
+        RobustnessEvaluator(make_tiny_net(seed=3), loss, data, tmp_path, progress_file=progress,
+                            handlers=[_StopAfter(1)], **RANDOM_RUN).run()  # fmt: skip
+    changed = RobustnessEvaluator(make_tiny_net(seed=3), loss, data, tmp_path, progress_file=progress,
+                                  **other_settings)  # fmt: skip
+    changed.run()
+    assert changed.restored_batches == 0 and changed.rows[-1]["num_steps"] in (0, 4)
+    progress.write_bytes(b"cut off by a kill")  # unreadable: only progress is lost
+    again = RobustnessEvaluator(make_tiny_net(seed=3), loss, data, tmp_path, progress_file=progress, **RANDOM_RUN)
+    again.run()
+    assert again.restored_batches == 0 and again._num_images == 4 and not progress.exists()

@@ -7,8 +7,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,44 @@ def _per_image(path: Path, attack: str, epsilon: float) -> dict[str, float]:
     with open(path) as stream:
         return {r["image"]: float(r["iou"]) for r in csv.DictReader(stream)
                 if r["attack"] == attack and math.isclose(float(r["epsilon"]), epsilon, rel_tol=1e-5)}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_training_stopped_part_way_continues_from_its_checkpoint_when_the_study_runs_again(dataset, tmp_path):
+    study = tmp_path / "stopped.json"
+    spec = smoke_study()
+    spec.update({"overrides": {"max_epochs": 8}, "arms": spec["arms"][:1]})
+    study.write_text(json.dumps(spec))
+    output = tmp_path / "out"
+    models = output / "work" / "smoke" / "runs" / "seed0" / "unet" / "models"
+    command = [sys.executable, "-m", "monai_adv.study", str(study), "--seeds", "0", "--output", str(output),
+               "--dataset_dir", str(dataset), "--no_tracking"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True) as process:  # fmt: skip
+        deadline = time.monotonic() + 300
+        while not list(models.glob("checkpoint_epoch=[2-6].pt")) and process.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)  # a kill, as at the end of a session
+    done = models.parent / "training_done.json"
+    assert not done.exists() and (models.parent / "training_started.json").is_file()
+    stopped_at = max(int(p.stem.split("=")[1]) for p in models.glob("checkpoint_epoch=*.pt"))
+    assert stopped_at < 8
+
+    result = _run(study, dataset, output)
+    assert "continuing a stopped training from" in result.stdout + result.stderr
+    history = json.loads((models / "training_history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == list(range(1, 9))  # the stopped epochs kept, none twice
+    assert "resumed" in json.loads((models / "training_run.json").read_text())
+    marker = json.loads(done.read_text())
+    assert marker["resumed"] is True and "resume" not in marker["settings"]
+    assert marker["seconds"] >= history["total"]["seconds"] * stopped_at / 8 * 0.5
+    assert not (models.parent / "training_started.json").exists()
+    # the page has the arm; run again, nothing runs
+    assert "`unet`" in (output / "smoke.md").read_text()
+    again = _run(study, dataset, output)
+    assert "continuing a stopped training" not in again.stdout + again.stderr
 
 
 @pytest.mark.slow

@@ -5,8 +5,9 @@ seed with the bundle, evaluates each on the test split with ``run robustness``, 
 figures, ``summary.json`` and the collected results (``raw_results.json``) under ``OUT``. Bundle roots, prepared
 data and markers go to ``--work_dir`` (default ``OUT/work/<study name>``). Run it again to continue a study that
 was stopped: arms and seeds whose results are in ``OUT/<name>/raw_results.json`` with the same settings are not
-run again (even without the work folder), within an arm, completed steps are not run again, and a robustness step
-stopped part way continues after its last finished batch (the bundle's ``progress_file``).
+run again (even without the work folder), within an arm, completed steps are not run again, a training stopped
+part way continues from its latest checkpoint, and a robustness step after its last finished batch (the bundle's
+``progress_file``).
 """
 
 from __future__ import annotations

@@ -182,6 +182,10 @@ class StudyRunner:
              settings: dict[str, Any]) -> float:  # fmt: skip
         """Run a bundle workflow unless ``marker`` says it already ran with the same ``settings`` (resume).
 
+        A training (``run_id`` ``"training"``) stopped part way with the same settings continues from its latest
+        readable checkpoint (the bundle's ``--resume true``); its seconds then add those its training history had
+        recorded before the stop (the part of an epoch after the last checkpoint is not counted).
+
         Returns:
             the step's seconds (those of the earlier run when it is skipped).
         """
@@ -194,11 +198,48 @@ class StudyRunner:
                 logger.info("skipping a step that already ran (%s)", marker)
                 return float(done["seconds"])
             logger.info("running again with other settings (%s)", marker)
-        elapsed = self._bundle(run_id, overlays, root, tracking, settings)
+        earlier = 0.0
+        started = marker.with_name(marker.stem.replace("_done", "") + "_started.json")
+        if run_id == "training":
+            earlier = self._stopped_training_seconds(started, root, recorded)
+            if earlier is not None:
+                settings = {**settings, "resume": True}
+            started.parent.mkdir(parents=True, exist_ok=True)
+            started.write_text(json.dumps({"settings": recorded}, indent=1))
+        elapsed = self._bundle(run_id, overlays, root, tracking, settings) + (earlier or 0.0)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"settings": recorded, "seconds": elapsed}, indent=1))
+        marker.write_text(json.dumps({"settings": recorded, "seconds": elapsed,
+                                      **({"resumed": True} if earlier is not None else {})}, indent=1))  # fmt: skip
+        started.unlink(missing_ok=True)
         self.ran.append(str(marker))
         return elapsed
+
+    @staticmethod
+    def _stopped_training_seconds(started: Path, root: Path, recorded: Mapping[str, Any]) -> float | None:
+        """The seconds a stopped training of the same settings had recorded, when it can be continued (a readable
+        checkpoint); else None (train from the start)."""
+        from monai_adv.bundle.checkpoints import latest_checkpoint
+        from monai_adv.bundle.training_run import CHECKPOINT_PATTERN
+
+        if not started.is_file():
+            return None
+        try:
+            same = _without_arm_defaults(json.loads(started.read_text()).get("settings", {}))
+        except (OSError, ValueError):
+            return None
+        if same != _without_arm_defaults(recorded):
+            return None
+        try:
+            checkpoint = latest_checkpoint(root / "models", CHECKPOINT_PATTERN)
+        except (OSError, ValueError):  # no checkpoint written before the stop (or none readable)
+            return None
+        history = root / "models" / "training_history.json"
+        try:
+            seconds = float(json.loads(history.read_text())["total"]["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            seconds = 0.0
+        logger.info("continuing a stopped training from %s (%.0f s recorded before the stop)", checkpoint, seconds)
+        return seconds
 
     # -- data -----------------------------------------------------------------------------------------------------
     def split(self) -> dict[str, list[dict]]:

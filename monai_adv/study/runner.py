@@ -198,7 +198,7 @@ class StudyRunner:
                 logger.info("skipping a step that already ran (%s)", marker)
                 return float(done["seconds"])
             logger.info("running again with other settings (%s)", marker)
-        earlier = 0.0
+        earlier: float | None = None  # seconds of a stopped training that this step continues
         started = marker.with_name(marker.stem.replace("_done", "") + "_started.json")
         if run_id == "training":
             earlier = self._stopped_training_seconds(started, root, recorded)

@@ -152,3 +152,68 @@ def test_the_bundle_default_is_documented_where_users_read_it():
     assert f"`--adv#recipe {recipe}` (default)" in (REPO_ROOT / "README.md").read_text()
     readme = (BUNDLE / "docs" / "README.md").read_text()
     assert f"**Default recipe: `{recipe}`**" in readme or recipe == "paper"
+    # once a 3D study is published, its overlay's default is named where 3D users read (README's 3D section)
+    overlay = json.loads((BUNDLE / "configs" / "hippocampus.json").read_text())
+    if "adv#recipe" in overlay:
+        section = (REPO_ROOT / "README.md").read_text().split("## 3D volumes")[1].split("\n## ")[0]
+        assert f"`{overlay['adv#recipe']}`" in section
+        assert f"**Default recipe: `{overlay['adv#recipe']}`** (arm" in readme.split("configs/hippocampus.json")[1]
+
+
+def test_a_study_of_an_overlay_sets_that_overlay_and_keeps_the_other_studies(bundle_copy: Path, tmp_path: Path):
+    """A 3D study (profile hippocampus_cpu) sets configs/hippocampus.json's default, not train.json's."""
+    from monai.bundle import ConfigParser
+
+    from monai_adv.study.publish import markers
+
+    configs = bundle_copy / "configs"
+    train_before = (configs / "train.json").read_bytes()
+    publish(write(tmp_path, summary("nfgsm")), bundle_copy)  # the 2D study first
+    train_2d = (configs / "train.json").read_bytes()
+    metrics_2d = json.loads((configs / "metadata.json").read_text())["eval_metrics"]
+    section_2d = (bundle_copy / "docs" / "README.md").read_text().split(BEGIN)[1].split(END)[0]
+
+    three_d = summary("std_nfgsm")
+    three_d["study"].update(name="results_3d", title="3D", page="results_3d.md", profile="hippocampus_cpu",
+                            dataset="msd_hippocampus", command="python -m monai_adv.study hippocampus_recipes")  # fmt: skip
+    assert publish(write(tmp_path, three_d), bundle_copy) == {"adv#recipe": "nfgsm", "augment": "standard"}
+    overlay = json.loads((configs / "hippocampus.json").read_text())
+    assert (overlay["adv#recipe"], overlay["augment"], overlay["spatial_dims"]) == ("nfgsm", "standard", 3)
+    assert (configs / "train.json").read_bytes() == train_2d != train_before  # the 2D default stays the 2D study's
+    metrics = json.loads((configs / "metadata.json").read_text())["eval_metrics"]
+    assert {k: metrics[k] for k in metrics_2d} == metrics_2d  # the 2D study's keys are kept as they were
+    assert (
+        metrics["msd_hippocampus_default_recipe"] == "nfgsm" and metrics["msd_hippocampus_default_arm"] == "std_nfgsm"
+    )
+    assert metrics["msd_hippocampus_test_mean_iou_std_nfgsm"] == pytest.approx(0.58)
+    assert "hippocampus_recipes" in metrics["msd_hippocampus_source"] and "kvasir" in metrics["source"]
+    readme = (bundle_copy / "docs" / "README.md").read_text()
+    begin, end = markers("hippocampus.json")
+    assert readme.split(BEGIN)[1].split(END)[0] == section_2d
+    section_3d = readme.split(begin)[1].split(end)[0]
+    assert "## Performance with configs/hippocampus.json" in section_3d and "docs/results_3d.md" in section_3d
+    assert "**Default recipe: `nfgsm`** (arm `std_nfgsm`, `adv#recipe` in `configs/hippocampus.json`)" in section_3d
+    assert readme.index(END) < readme.index(begin) < readme.index(end) < readme.index("## Commands")
+
+    # the merged configs train the 3D default; train.json alone still trains the 2D one
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "hippocampus.json")])
+    assert parser.get_parsed_content("adv#preset")["recipe"] == "nfgsm" and parser["augment"] == "standard"
+    parser = ConfigParser()
+    parser.read_config(str(configs / "train.json"))
+    assert parser["augment"] == "none"
+
+    # publishing the 2D study again leaves the 3D one in place, and the other way round
+    publish(write(tmp_path, summary("nfgsm")), bundle_copy)
+    metrics = json.loads((configs / "metadata.json").read_text())["eval_metrics"]
+    assert metrics["msd_hippocampus_default_arm"] == "std_nfgsm" and metrics["default_arm"] == "nfgsm"
+    assert json.loads((configs / "hippocampus.json").read_text())["adv#recipe"] == "nfgsm"
+    three_d["default"]["arm"] = "nfgsm"
+    publish(write(tmp_path, three_d), bundle_copy)
+    assert json.loads((configs / "hippocampus.json").read_text())["augment"] == "none"
+    readme = (bundle_copy / "docs" / "README.md").read_text()
+    assert (
+        readme.count(begin) == 1
+        and readme.count(BEGIN) == 1
+        and "(arm `nfgsm`, `adv#recipe` in `configs/hippo" in readme
+    )

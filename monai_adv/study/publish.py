@@ -3,11 +3,15 @@
 ``python -m monai_adv.study.publish --summary docs/recipes/summary.json --bundle bundles/adversarial_unet_segmentation``
 applies the study's choice of default (the rule on its page) and writes its evidence into the bundle:
 
-- ``configs/train.json``: ``adv#recipe`` (and ``augment``) become the chosen arm's, so the README's main command
-  trains it; ``--adv#recipe paper`` still selects the paper's setting;
-- ``configs/metadata.json``: ``eval_metrics`` holds the chosen arm's and its control's clean and robust scores;
+- the study's config: ``configs/train.json``, or the overlay its profile trains with (``configs/hippocampus.json``
+  for ``hippocampus_cpu``, so a 3D study sets the 3D default and leaves the 2D one alone): ``adv#recipe`` (and
+  ``augment``) become the chosen arm's, so the README's command trains it; ``--adv#recipe paper`` still selects
+  the paper's setting;
+- ``configs/metadata.json``: ``eval_metrics`` holds the chosen arm's and its control's clean and robust scores
+  (an overlay's study adds its keys, prefixed with its dataset, beside those of the others);
 - ``docs/README.md``: the "Performance" section (between ``<!-- results:begin -->`` and ``<!-- results:end -->``,
-  added before "## Commands" the first time) holds the table of arms and the choice with its reason.
+  or ``<!-- results:<overlay>:begin -->`` for an overlay's study; added before "## Commands" the first time) holds
+  the table of arms and the choice with its reason.
 
 A study that is not complete (its page says what is missing: an arm, seeds) is refused unless ``--allow_incomplete`` is given: a default
 should not follow a partial result by accident.
@@ -29,11 +33,33 @@ from monai_adv.errors import SettingsError
 from monai_adv.study.report import _fmt, _interval, _ratio_cell, epsilon_name
 from monai_adv.study.spec import ARM_DEFAULTS
 
-__all__ = ["BEGIN", "END", "PUBLISHABLE_KEYS", "main", "performance_section", "publish"]
+__all__ = ["BEGIN", "END", "PUBLISHABLE_KEYS", "main", "markers", "performance_section", "publish", "target_config"]
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 #: the overrides an arm may have for the bundle to take it as its default: config path of each in train.json
 PUBLISHABLE_KEYS = {"adv#recipe": ("adv", "recipe"), "augment": ("augment",)}
+MAIN_CONFIG = "train.json"
+
+
+def target_config(about: Mapping[str, Any]) -> str:
+    """The file in ``configs/`` that takes a study's default: its profile's last overlay, else ``train.json``.
+
+    A study whose profile trains with an overlay (``hippocampus_cpu``: ``hippocampus.json``) chose a default for
+    that overlay's setting; writing it into train.json would change the 2D default on 3D evidence.
+    """
+    from monai_adv.study.profiles import PROFILES
+
+    profile = PROFILES.get(str(about.get("profile")))
+    extra = tuple(profile.extra_configs) if profile is not None else ()
+    return extra[-1] if extra else MAIN_CONFIG
+
+
+def markers(config: str) -> tuple[str, str]:
+    """The README markers around the Performance section of the study whose default goes into ``config``."""
+    if config == MAIN_CONFIG:
+        return BEGIN, END
+    stem = Path(config).stem
+    return f"<!-- results:{stem}:begin -->", f"<!-- results:{stem}:end -->"
 
 
 def _gaps(about: dict[str, Any]) -> str:
@@ -42,7 +68,7 @@ def _gaps(about: dict[str, Any]) -> str:
 
 
 def _default_settings(summary: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The chosen arm and the train.json values it stands for.
+    """The chosen arm and the config values it stands for.
 
     Raises:
         SettingsError: when the summary chose no arm, or the chosen arm needs more than one training run or
@@ -65,20 +91,29 @@ def _default_settings(summary: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return arm, {key: overrides.get(key, ARM_DEFAULTS.get(key)) for key in PUBLISHABLE_KEYS}
 
 
-def performance_section(summary: Mapping[str, Any], results_page: str = "docs/recipes.md") -> str:
+def performance_section(summary: Mapping[str, Any], results_page: str | None = None, config: str | None = None) -> str:
     """The bundle README's "Performance" section (markers included) from a study's ``summary.json``.
+
+    Args:
+        summary: the study's ``summary.json`` content.
+        results_page: the page the section points to (default ``docs/<the study's page>``).
+        config: the file in ``configs/`` that takes the default (default: :func:`target_config`).
 
     Raises:
         KeyError: when the summary lacks the study's description or an arm's scores.
     """
     about, study, default = summary["study"], summary["summary"], summary["default"]
+    results_page = results_page or f"docs/{about.get('page', 'recipes.md')}"
+    config = config or target_config(about)
+    begin, end = markers(config)
+    heading = "## Performance" if config == MAIN_CONFIG else f"## Performance with configs/{config}"
     epsilons = study["epsilons"]
     header = ["arm", "seeds", "clean IoU", "clean Dice", *[f"robust IoU {epsilon_name(e)}" for e in epsilons],
               "vs control: clean", *[f"vs control: robust {epsilon_name(e)}" for e in epsilons],
               "time/step vs plain"]  # fmt: skip
     lines = [
-        BEGIN,
-        "## Performance",
+        begin,
+        heading,
         "",
         (
             f"Generated by `python -m monai_adv.study.publish` from `{about['command']}` (code `{about['version']}`); do "
@@ -107,26 +142,39 @@ def performance_section(summary: Mapping[str, Any], results_page: str = "docs/re
         lines += [
             "",
             (
-                f"**Default recipe: `{recipe}`** (arm `{arm}`, `adv#recipe` in `configs/train.json`): {default['reason']}. "
+                f"**Default recipe: `{recipe}`** (arm `{arm}`, `adv#recipe` in `configs/{config}`): {default['reason']}. "
                 f"It {target} the target (within 1 clean IoU point of its reference, its control or the plain arm where "
                 "that scores higher, and at least twice its control's robust IoU). "
                 "`--adv#recipe paper` trains the paper's setting (FGSM copies at 0.1, appended)."
             ),
         ]
-    lines += ["", END]
+    lines += ["", end]
     return "\n".join(lines)
 
 
-def _replace_section(readme: str, section: str, readme_path: Path) -> str:
-    if BEGIN in readme:
-        if END not in readme:
-            raise ValueError(f"{readme_path} has {BEGIN} but no {END}.")
-        before, rest = readme.split(BEGIN, 1)
-        return before + section + rest.split(END, 1)[1]
+def _replace_section(readme: str, section: str, readme_path: Path, begin: str = BEGIN, end: str = END) -> str:
+    if begin in readme:
+        if end not in readme:
+            raise ValueError(f"{readme_path} has {begin} but no {end}.")
+        before, rest = readme.split(begin, 1)
+        return before + section + rest.split(end, 1)[1]
     if "## Commands" in readme:
         before, rest = readme.split("## Commands", 1)
         return before + section + "\n\n## Commands" + rest
     raise ValueError(f"{readme_path} has no '## Commands' section to put the Performance section before.")
+
+
+def _set_default(config: dict[str, Any], key: str, value: Any) -> None:
+    """Write ``key`` (``adv#recipe``) into a config: nested where the config nests it (train.json's
+    ``adv: {recipe}``), else as the flat ``adv#recipe`` that an overlay uses."""
+    *parents, leaf = PUBLISHABLE_KEYS[key]
+    node = config
+    for part in parents:
+        if key in config or not isinstance(node.get(part), dict):
+            config[key] = value
+            return
+        node = node[part]
+    node[leaf] = value
 
 
 def publish(
@@ -136,11 +184,12 @@ def publish(
 
     Args:
         summary_path: ``summary.json`` written by ``python -m monai_adv.study`` (``OUT/<name>/summary.json``).
-        bundle_dir: the bundle folder (``configs/train.json``, ``configs/metadata.json``, ``docs/README.md``).
+        bundle_dir: the bundle folder (``configs/train.json`` or the study's overlay, ``configs/metadata.json``,
+            ``docs/README.md``).
         allow_incomplete: publish a study with arms or seeds missing (the section says it is provisional).
 
     Returns:
-        the train.json values written (``{"adv#recipe": ..., "augment": ...}``).
+        the values written into the study's config, :func:`target_config` (``{"adv#recipe": ..., "augment": ...}``).
 
     Raises:
         FileNotFoundError: when the summary or a bundle file is missing.
@@ -159,27 +208,26 @@ def publish(
             "--allow_incomplete to publish a provisional default."
         )
     bundle = Path(bundle_dir)
-    train_path = bundle / "configs" / "train.json"
+    config_name = target_config(about)
+    config_path = bundle / "configs" / config_name
     metadata_path, readme_path = bundle / "configs" / "metadata.json", bundle / "docs" / "README.md"
-    for path in (train_path, metadata_path, readme_path):
+    for path in (config_path, metadata_path, readme_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: --bundle must be the bundle folder.")
     arm, values = _default_settings(summary)
-    section = performance_section(summary)
-    readme = _replace_section(readme_path.read_text(), section, readme_path)
+    section = performance_section(summary, config=config_name)
+    readme = _replace_section(readme_path.read_text(), section, readme_path, *markers(config_name))
 
-    train = json.loads(train_path.read_text())
+    config = json.loads(config_path.read_text())
     for key, value in values.items():
-        *parents, leaf = PUBLISHABLE_KEYS[key]
-        node = train
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        _set_default(config, key, value)
 
     entries = summary["summary"]["arms"]
     control = entries[arm].get("control")
     prefix = about.get("dataset", "kvasir_seg")
-    metrics: dict[str, Any] = {"default_recipe": values["adv#recipe"], "default_arm": arm}
+    # the main config's study owns the unprefixed keys; an overlay's study prefixes them with its dataset
+    own = "" if config_name == MAIN_CONFIG else f"{prefix}_"
+    metrics: dict[str, Any] = {f"{own}default_recipe": values["adv#recipe"], f"{own}default_arm": arm}
     for name in dict.fromkeys([arm, control, summary["summary"].get("plain_arm")]):
         if name is None or name not in entries:
             continue
@@ -189,12 +237,18 @@ def publish(
         for eps in summary["summary"]["epsilons"]:
             label = epsilon_name(eps).replace("/", "_")
             metrics[f"{prefix}_test_ensemble_iou_{label}_{name}"] = float(np.mean(entry["robust_iou"][f"{eps:g}"]))
-    metrics["source"] = f"docs/README.md, Performance: {about['command']} (code {about['version']})"
+    heading = "Performance" if config_name == MAIN_CONFIG else f"Performance with configs/{config_name}"
+    metrics[f"{own}source"] = f"docs/README.md, {heading}: {about['command']} (code {about['version']})"
     metadata = json.loads(metadata_path.read_text())
-    metadata["eval_metrics"] = metrics
+    # keep what the other studies published; replace this study's keys (those of its dataset, and its own)
+    owned = set(metrics) | ({"default_recipe", "default_arm", "source"} if not own else set())
+    kept = {
+        k: v for k, v in metadata.get("eval_metrics", {}).items() if k not in owned and not k.startswith(f"{prefix}_")
+    }
+    metadata["eval_metrics"] = {**kept, **metrics}
 
     # every file is computed before the first is written: a failure above changes nothing
-    train_path.write_text(json.dumps(train, indent=4, ensure_ascii=False) + "\n")
+    config_path.write_text(json.dumps(config, indent=4, ensure_ascii=False) + "\n")
     metadata_path.write_text(json.dumps(metadata, indent=4) + "\n")
     readme_path.write_text(readme)
     return values
@@ -213,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"python -m monai_adv.study.publish: {err}") from None
     settings = ", ".join(f"{k} {v}" for k, v in values.items())
-    print(f"updated {args.bundle}: configs/train.json ({settings}), configs/metadata.json and docs/README.md")
+    config = target_config(json.loads(Path(args.summary).read_text())["study"])
+    print(f"updated {args.bundle}: configs/{config} ({settings}), configs/metadata.json and docs/README.md")
     return 0
 
 

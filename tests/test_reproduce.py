@@ -160,3 +160,29 @@ def test_smoke_reproduction_reports_what_it_measured(dataset, tmp_path):
     second = (output / "results.md").read_text()
     assert "- Resumed: " in second
     assert table_rows(second, "## Test split, best checkpoint") == test_rows
+
+
+def test_code_version_is_dirty_for_changed_code_but_not_for_regenerated_docs(tmp_path):
+    """A page regenerated over its committed version leaves the code clean; a changed source file does not."""
+    from monai_adv.reproduce.__main__ import code_version
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    assert code_version(tmp_path).startswith("unknown")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "docs" / "results.md").write_text("old page\n")
+    (tmp_path / "pkg" / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    commit = commit.stdout.strip()
+    assert code_version(tmp_path) == f"{commit[:7]} (commit {commit})"
+    (tmp_path / "docs" / "results.md").write_text("regenerated page\n")
+    (tmp_path / "pkg" / "notes.txt").write_text("untracked\n")
+    assert code_version(tmp_path) == f"{commit[:7]} (commit {commit})"
+    (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == f"{commit[:7]}-dirty (commit {commit})"

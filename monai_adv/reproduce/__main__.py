@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -36,16 +37,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def code_version() -> str:
-    """``git describe`` and commit of the code that ran (``unknown`` outside a git checkout)."""
-    root = Path(__file__).resolve().parents[2]  # the checkout monai_adv was imported from, if it is one
+def code_version(root: str | os.PathLike | None = None) -> str:
+    """``git describe`` and commit of the code that ran (``unknown`` outside a git checkout).
+
+    ``-dirty`` marks uncommitted changes to tracked files outside ``docs/``: the pages and figures that the runners
+    write there are their output, and a page regenerated over its last version is not code that differs from the
+    commit.
+
+    Args:
+        root: the checkout (default: the one monai_adv was imported from, if it is one).
+    """
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        describe = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=root, capture_output=True,
-                                  text=True, check=True).stdout.strip()  # fmt: skip
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        return f"{describe} (commit {commit.stdout.strip()})"
+        describe, commit = git("describe", "--always", "--tags"), git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
+    return f"{describe}{'-dirty' if changed else ''} (commit {commit})"
 
 
 def dataset_citation(dataset_dir: Path) -> str | None:

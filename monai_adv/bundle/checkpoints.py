@@ -27,6 +27,7 @@ __all__ = [
     "AtomicCheckpointSaver",
     "KeepPreviousDiskSaver",
     "check_checkpoint_fits",
+    "checkpoint_entries",
     "latest_checkpoint",
     "require_file",
 ]
@@ -264,6 +265,32 @@ def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint_epoc
     raise MissingFileError(
         f"none of the checkpoints in {folder} can be read ({[p.name for p in found]}): nothing to resume from."
     )
+
+
+def checkpoint_entries(
+    load_dict: Mapping[str, Any], path: str | os.PathLike | None, optional: tuple[str, ...] = ("random_states",)
+) -> dict[str, Any]:
+    """``load_dict`` for ``CheckpointLoader``, without the ``optional`` entries that the checkpoint at ``path`` lacks.
+
+    Ignite refuses a checkpoint that lacks an entry of ``load_dict``; a checkpoint written before an entry was
+    added to the bundle's ``save_dict`` (the random states) still resumes, with a warning naming what is not
+    restored.
+
+    Args:
+        load_dict: the objects to restore, by checkpoint entry.
+        path: the checkpoint (None: nothing is loaded, ``load_dict`` is returned as it is).
+        optional: the entries that may be missing.
+    """
+    if path is None:
+        return dict(load_dict)
+    entries = torch.load(path, map_location="cpu", weights_only=True).keys()
+    missing = [k for k in optional if k in load_dict and k not in entries]
+    if missing:
+        warnings.warn(
+            f"{path} has no {missing} (written by an earlier version): the continued training starts those from "
+            "the seed, so it will not draw what an uninterrupted training would have."
+        )
+    return {k: v for k, v in load_dict.items() if k not in missing}
 
 
 def require_file(path: str | os.PathLike, what: str = "file") -> str:

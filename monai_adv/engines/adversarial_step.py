@@ -53,6 +53,7 @@ from monai_adv.attacks import (
 from monai_adv.attacks.gradient_sign import _check_labels_fit_prediction, _label_stats, _prediction
 from monai_adv.engines.recipes import TrainingRecipe, epsilon_factor
 from monai_adv.hardware import cpu_has_native_bf16, cpu_model
+from monai_adv.random_state import numpy_state, restore_numpy_state
 
 __all__ = ["AdversarialMethod", "AdversarialTrainingStep", "StepPlan", "concatenate_batch", "consistency_kl"]
 
@@ -213,6 +214,7 @@ class AdversarialTrainingStep:
         self.R = np.random.RandomState()
         self.generator: torch.Generator | None = None
         self._seed = int(self.R.randint(0, 2**31 - 1))
+        self._pending_generator_state: tuple[str, torch.Tensor] | None = None
         self.deltas: dict[str, torch.Tensor] = {}  # free mode: perturbation per sample id
         self.last_values: dict[str, torch.Tensor | float | None] = {}
         """This iteration's statistics: ``adv_samples``, ``adv_epsilon``, ``adv_loss_clean``, ``adv_loss_<name>``,
@@ -235,6 +237,7 @@ class AdversarialTrainingStep:
         self.R = np.random.RandomState(seed)
         self._seed = int(self.R.randint(0, 2**31 - 1))
         self.generator = None
+        self._pending_generator_state = None
         return self
 
     def active(self, epoch: int) -> bool:
@@ -407,6 +410,9 @@ class AdversarialTrainingStep:
     def _torch_generator(self, device: torch.device) -> torch.Generator:
         if self.generator is None or self.generator.device != device:
             self.generator = torch.Generator(device=device).manual_seed(self._seed)
+            pending, self._pending_generator_state = self._pending_generator_state, None
+            if pending is not None and pending[0] == str(self.generator.device):
+                self.generator.set_state(pending[1])  # a checkpoint's state, for the device it was drawn on
         return self.generator
 
     def _choose_methods(self) -> list[AdversarialMethod]:
@@ -482,15 +488,33 @@ class AdversarialTrainingStep:
             replaced += len(indices)
         return out, replaced
 
-    # ------------------------------------------------------------------------------------ checkpoint (free mode)
+    # ------------------------------------------------------------------------------------------------ checkpoint
 
     def state_dict(self) -> dict[str, Any]:
-        """The free mode's perturbations by sample id (for ``CheckpointSaver``'s ``save_dict``)."""
-        return {"deltas": {k: v.detach().cpu() for k, v in self.deltas.items()}}
+        """For ``CheckpointSaver``'s ``save_dict``: the free mode's perturbations by sample id, and the random
+        states of the choices and the noise, so that a training continued from the checkpoint draws what an
+        uninterrupted one would."""
+        generator = None
+        if self.generator is not None:
+            generator = {"device": str(self.generator.device), "state": self.generator.get_state()}
+        elif self._pending_generator_state is not None:  # restored, not drawn from yet
+            generator = {"device": self._pending_generator_state[0], "state": self._pending_generator_state[1]}
+        return {"deltas": {k: v.detach().cpu() for k, v in self.deltas.items()},
+                "random": {"R": numpy_state(self.R), "seed": self._seed, "generator": generator}}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the perturbations (moved to their device at first use)."""
+        """Restore the perturbations (moved to their device at first use) and the random states (a checkpoint
+        written before they were saved keeps the seeded ones). A generator state drawn on another device than
+        the one the training continues on is dropped: the noise is then seeded again from the step's seed."""
         self.deltas = {str(k): torch.as_tensor(v) for k, v in dict(state.get("deltas", {})).items()}
+        saved = state.get("random")
+        if saved is None:
+            return
+        restore_numpy_state(saved["R"], self.R)
+        self._seed = int(saved["seed"])
+        self.generator = None
+        generator = saved.get("generator")
+        self._pending_generator_state = (str(generator["device"]), generator["state"]) if generator else None
 
 
 def copies_from_gradient(

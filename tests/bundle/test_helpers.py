@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
@@ -274,3 +276,39 @@ def test_a_checkpoint_that_cannot_be_written_is_named(tmp_path):
     saver = KeepPreviousDiskSaver(tmp_path, filename="model.pt")
     with pytest.raises(StorageError, match=f"cannot write checkpoint {target}: .*Free disk space or make"):
         saver({"model": {"w": torch.zeros(2)}}, "ignored.pt")
+
+
+def test_random_states_restore_every_draw_of_the_transforms_and_refuse_other_transforms(tmp_path):
+    import io
+
+    from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised
+
+    from monai_adv.bundle import RandomStates
+
+    def transforms():
+        crop = RandCropByPosNegLabeld(["image", "label"], "label", spatial_size=(4, 4), num_samples=1)
+        return Compose([RandFlipd(["image"], prob=0.5), RandGaussianNoised(["image"], prob=1.0), crop])
+
+    def draw(compose):
+        sample = {"image": torch.arange(64.0).reshape(1, 8, 8), "label": (torch.arange(64) % 3 == 0).reshape(1, 8, 8)}
+        out = compose(sample)[0]
+        return out["image"], float(torch.rand(())), float(np.random.rand()), random.random()
+
+    live = transforms().set_random_state(seed=3)
+    draw(live)
+    buffer = io.BytesIO()
+    torch.save(RandomStates(live).state_dict(), buffer)  # as the checkpoint saver writes it
+    expected = [draw(live) for _ in range(3)]
+    other = transforms().set_random_state(seed=99)  # a new process's transforms, seeded anew
+    torch.manual_seed(5)
+    buffer.seek(0)
+    RandomStates(other).load_state_dict(torch.load(buffer, weights_only=True))
+    for (image, *numbers), (image_again, *numbers_again) in zip(expected, [draw(other) for _ in range(3)]):
+        assert torch.equal(image, image_again) and numbers == numbers_again
+
+    buffer.seek(0)
+    fewer = Compose([RandFlipd(["image"], prob=0.5)])
+    with pytest.raises(
+        ValueError, match=r"holds 6 random states of training transforms, the training transforms now have 2"
+    ):
+        RandomStates(fewer).load_state_dict(torch.load(buffer, weights_only=True))

@@ -246,3 +246,33 @@ def test_a_run_the_signal_handler_cannot_close_is_closed_as_killed_at_exit(tmp_p
     assert client.get_run(runs[1]).info.status == "RUNNING"
     training_run.close_killed_runs()  # what atexit runs
     assert client.get_run(runs[1]).info.status == "KILLED" and not training_run._KILLED_AT_EXIT
+
+
+def test_a_resumed_training_draws_what_an_uninterrupted_one_would(bundle, tmp_path):
+    """The checkpoint keeps the random states (shuffle, transforms, the step's choices and noise): a training stopped
+    after epoch 1 and resumed ends with the same weights as one that ran its 2 epochs at once (both start from the
+    initial weights that --seed gives: the network is built after set_determinism)."""
+    # N-FGSM draws noise and which samples to replace; --augment standard draws flips, turns, affine and noise
+    settings = {"adv#recipe": "nfgsm", "augment": "standard", "max_epochs": 2}
+    bundle.train(tmp_path / "whole", settings)
+    resumed = tmp_path / "resumed"
+    bundle.train(resumed, {**settings, "max_epochs": 1})
+    first = resumed / "models" / "checkpoint_epoch=1.pt"
+    saved = torch.load(first, weights_only=True)
+    assert saved["random_states"]["transforms"] and saved["adv_step"]["random"]["generator"] is not None
+    older = tmp_path / "older"  # the same checkpoint as an earlier version wrote it: without the random states
+    bundle.copy_outputs(resumed, older, parts=("models", "data"))
+    del saved["random_states"], saved["adv_step"]["random"]
+    torch.save(saved, older / "models" / "checkpoint_epoch=1.pt")
+
+    bundle.train(resumed, {**settings, "resume": "true"})
+    whole = torch.load(tmp_path / "whole" / "models" / "checkpoint_epoch=2.pt", weights_only=True)["model"]
+    continued = torch.load(resumed / "models" / "checkpoint_epoch=2.pt", weights_only=True)["model"]
+    assert whole.keys() == continued.keys()
+    assert all(torch.equal(whole[k], continued[k]) for k in whole), "the resumed training drew other random numbers"
+
+    # an earlier version's checkpoint still resumes, saying what it cannot restore; its epoch 2 replays epoch 1's draws
+    run = bundle.train(older, {**settings, "resume": "true"})
+    assert "has no ['random_states'] (written by an earlier version)" in run.output
+    reseeded = torch.load(older / "models" / "checkpoint_epoch=2.pt", weights_only=True)["model"]
+    assert not all(torch.equal(whole[k], reseeded[k]) for k in whole)

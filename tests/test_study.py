@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from monai_adv.errors import SettingsError
 from monai_adv.hardware import cpu_model
@@ -113,6 +114,25 @@ def test_a_training_stopped_part_way_continues_from_its_checkpoint_when_the_stud
     assert "`unet`" in (output / "smoke.md").read_text()
     again = _run(study, dataset, output)
     assert "continuing a stopped training" not in again.stdout + again.stderr
+
+
+def test_a_checkpoint_older_than_the_started_marker_is_not_continued(tmp_path):
+    """An earlier training's checkpoint (other settings, not yet moved aside because the new training failed before
+    it started) must not be resumed as if it were the new one's."""
+    from monai_adv.study.runner import StudyRunner
+
+    root, settings = tmp_path / "arm", {"max_epochs": 4, "adv#method": "none"}
+    (root / "models").mkdir(parents=True)
+    checkpoint = root / "models" / "checkpoint_epoch=3.pt"
+    torch.save({"model": {}}, checkpoint)
+    (root / "models" / "training_history.json").write_text(json.dumps({"total": {"seconds": 30.0}}))
+    started = root / "training_started.json"
+    started.write_text(json.dumps({"settings": settings}))
+    os.utime(checkpoint, (started.stat().st_mtime - 60, started.stat().st_mtime - 60))  # written before the marker
+    assert StudyRunner._stopped_training_seconds(started, root, settings) is None
+    os.utime(checkpoint, (started.stat().st_mtime + 60, started.stat().st_mtime + 60))  # this training's
+    assert StudyRunner._stopped_training_seconds(started, root, settings) == 30.0
+    assert StudyRunner._stopped_training_seconds(started, root, {**settings, "max_epochs": 5}) is None
 
 
 @pytest.mark.slow

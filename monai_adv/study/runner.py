@@ -204,8 +204,9 @@ class StudyRunner:
             earlier = self._stopped_training_seconds(started, root, recorded)
             if earlier is not None:
                 settings = {**settings, "resume": True}
-            started.parent.mkdir(parents=True, exist_ok=True)
-            started.write_text(json.dumps({"settings": recorded}, indent=1))
+            else:  # a fresh start: its checkpoints are the ones newer than this marker
+                started.parent.mkdir(parents=True, exist_ok=True)
+                started.write_text(json.dumps({"settings": recorded}, indent=1))
         elapsed = self._bundle(run_id, overlays, root, tracking, settings) + (earlier or 0.0)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"settings": recorded, "seconds": elapsed,
@@ -217,7 +218,8 @@ class StudyRunner:
     @staticmethod
     def _stopped_training_seconds(started: Path, root: Path, recorded: Mapping[str, Any]) -> float | None:
         """The seconds a stopped training of the same settings had recorded, when it can be continued (a readable
-        checkpoint); else None (train from the start)."""
+        checkpoint written after its ``started`` marker: an older one belongs to an earlier training, which the
+        bundle moves aside only once the new one has started); else None (train from the start)."""
         from monai_adv.bundle.checkpoints import latest_checkpoint
         from monai_adv.bundle.training_run import CHECKPOINT_PATTERN
 
@@ -232,6 +234,10 @@ class StudyRunner:
         try:
             checkpoint = latest_checkpoint(root / "models", CHECKPOINT_PATTERN)
         except (OSError, ValueError):  # no checkpoint written before the stop (or none readable)
+            return None
+        if Path(checkpoint).stat().st_mtime < started.stat().st_mtime:
+            logger.info("%s is older than %s: it belongs to an earlier training, which is not continued",
+                        checkpoint, started)  # fmt: skip
             return None
         history = root / "models" / "training_history.json"
         try:

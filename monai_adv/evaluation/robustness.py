@@ -180,6 +180,16 @@ def _describe(value: Any) -> Any:
     return {"type": f"{type(value).__module__}.{type(value).__qualname__}", **plain}
 
 
+def _batch_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """A digest of a batch's images and labels (values, shapes and dtypes), wherever they are."""
+    digest = hashlib.sha256()
+    for tensor in (images, labels):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _nanmean(values: torch.Tensor, dim: int) -> torch.Tensor:
     valid = ~torch.isnan(values)
     total = torch.where(valid, values, torch.zeros_like(values)).sum(dim)
@@ -380,6 +390,7 @@ class RobustnessEvaluator(Engine):
         self._batch_index = 0
         self._image_names: list[str] = []
         self._batch_sizes: list[int] = []
+        self._batch_digests: list[str] = []  # of each measured batch's images and labels (a progress file's check)
         # Registered before any handler attaches, so that the files exist when MLFlowHandler logs artifacts.
         self.add_event_handler(Events.STARTED, self._reset)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._finish)
@@ -396,7 +407,8 @@ class RobustnessEvaluator(Engine):
             "single": repr(self.single), "checks": self.checks_enabled, "check_epsilon": self.check_epsilon,
             "masking_epsilon": self.masking_epsilon, "num_examples": self.num_examples,
             "example_epsilon": self.example_epsilon, "num_classes": self.num_classes, "seed": self.seed,
-            "amp": bool(amp), "inferer": _describe(inferer), "postprocessing": postprocessing is not None,
+            "amp": bool(amp), "inferer": _describe(inferer), "postprocessing": _describe(postprocessing),
+            "loss": _describe(loss_function), "device": self.device.type,
         }  # fmt: skip
         # after the handlers: the CheckpointLoader has loaded the weights that the progress file must match
         self.add_event_handler(Events.STARTED, self._restore_progress)
@@ -408,7 +420,7 @@ class RobustnessEvaluator(Engine):
     def _reset(self) -> None:
         self._generator.manual_seed(self.seed)
         self._scores, self.examples, self._num_images, self._batch_index = {}, {}, 0, 0
-        self.rows, self.checks, self._image_names, self._batch_sizes = [], {}, [], []
+        self.rows, self.checks, self._image_names, self._batch_sizes, self._batch_digests = [], {}, [], [], []
 
     def _loss_name(self, spec_loss: str) -> str:
         return type(self.loss_function).__name__ if spec_loss == "training" else spec_loss
@@ -445,6 +457,8 @@ class RobustnessEvaluator(Engine):
         self._image_names.extend(_image_names(batch, self.image_key, self._num_images))
         images = convert_to_tensor(batch[self.image_key], track_meta=False).to(self.device)
         labels = convert_to_tensor(batch[self.label_key], track_meta=False).to(self.device)
+        if self.progress_file is not None:
+            self._batch_digests.append(_batch_digest(images, labels))
         self.network.eval()
         positive = [e for e in self.epsilons if e > 0]
         clean = self._score(_Row("clean", "none", 0.0, 0, 0), images, labels)
@@ -503,6 +517,7 @@ class RobustnessEvaluator(Engine):
             ],
             "image_names": self._image_names,
             "batch_sizes": self._batch_sizes,
+            "batch_digests": self._batch_digests,
             "examples": self.examples,
             "generator": self._generator.get_state(),
             "global_generator": torch.get_rng_state(),
@@ -537,6 +552,7 @@ class RobustnessEvaluator(Engine):
             for name, values in scores.items():
                 setattr(restored, name, list(values))
         self._image_names, self._batch_sizes = list(state["image_names"]), list(state["batch_sizes"])
+        self._batch_digests = list(state.get("batch_digests", []))
         self.examples = {name: list(images) for name, images in state["examples"].items()}
         self._generator.set_state(state["generator"])
         torch.set_rng_state(state["global_generator"])
@@ -554,6 +570,14 @@ class RobustnessEvaluator(Engine):
             raise ValueError(
                 f"progress file {self.progress_file} measured images {expected} as batch {index + 1}, but the loader "
                 f"gives {names}: the data changed. Delete the file to evaluate from the first batch."
+            )
+        images = convert_to_tensor(batch[self.image_key], track_meta=False)
+        labels = convert_to_tensor(batch[self.label_key], track_meta=False)
+        if index >= len(self._batch_digests) or _batch_digest(images, labels) != self._batch_digests[index]:
+            raise ValueError(
+                f"progress file {self.progress_file} measured other images or labels as batch {index + 1} "
+                f"({expected}) than the loader gives now (same names, other content: e.g. other preprocessing). "
+                "Delete the file to evaluate from the first batch."
             )
 
     def _noise(self, images: torch.Tensor, eps: float) -> torch.Tensor:
@@ -637,6 +661,11 @@ class RobustnessEvaluator(Engine):
         }
 
     def _finish(self) -> None:
+        if self.state.iteration < self.restored_batches:
+            raise ValueError(
+                f"progress file {self.progress_file} measured {self.restored_batches} batches, but the loader gives "
+                f"{self.state.iteration}: the data changed. Delete the file to evaluate from the first batch."
+            )
         clean = self._scores[_Row("clean", "none", 0.0, 0, 0)]
         clean_row = clean.summary(self.class_names)
         listed = [a for a in self.attacks if a != "ensemble"]

@@ -336,7 +336,33 @@ def test_a_progress_file_of_other_weights_is_ignored_and_one_of_other_images_is_
     changed = RobustnessEvaluator(make_tiny_net(seed=3), loss, data, tmp_path, progress_file=progress,
                                   **other_settings)  # fmt: skip
     changed.run()
-    assert changed.restored_batches == 0 and changed.rows[-1]["num_steps"] in (0, 4)
+    assert changed.restored_batches == 0 and changed._num_images == 4
+    assert {r["num_steps"] for r in changed.rows if r["attack"] == "pgd" and r["epsilon"] > 0} == {4}
+    # another loss (or its settings) is another measurement: the file is ignored
+    with pytest.raises(KeyboardInterrupt):
+        RobustnessEvaluator(make_tiny_net(seed=3), loss, data, tmp_path, progress_file=progress,
+                            handlers=[_StopAfter(1)], **RANDOM_RUN).run()  # fmt: skip
+    other_loss = RobustnessEvaluator(make_tiny_net(seed=3), DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=2.0),
+                                     data, tmp_path, progress_file=progress, **RANDOM_RUN)  # fmt: skip
+    other_loss.run()
+    assert other_loss.restored_batches == 0 and other_loss._num_images == 4
+    # the same names with other content (other preprocessing), or fewer batches than were measured, are refused
+    with pytest.raises(KeyboardInterrupt):
+        RobustnessEvaluator(make_tiny_net(seed=3), loss, data, tmp_path, progress_file=progress,
+                            handlers=[_StopAfter(1)], **RANDOM_RUN).run()  # fmt: skip
+    kept = progress.read_bytes()
+    rescaled = [{**batch, "image": batch["image"] * 0.5} for batch in data]
+    with pytest.raises(ValueError, match=r"measured other images or labels as batch 1 \(\['a', 'b'\]\)"):
+        RobustnessEvaluator(make_tiny_net(seed=3), loss, rescaled, tmp_path, progress_file=progress,
+                            **RANDOM_RUN).run()  # fmt: skip
+    assert progress.read_bytes() == kept
+    with pytest.raises(KeyboardInterrupt):
+        RobustnessEvaluator(make_tiny_net(seed=3), loss, data, tmp_path, progress_file=progress,
+                            handlers=[_StopAfter(2)], **RANDOM_RUN).run()  # fmt: skip
+    with pytest.raises(ValueError, match=r"measured 2 batches, but the loader gives 1"):
+        RobustnessEvaluator(make_tiny_net(seed=3), loss, data[:1], tmp_path, progress_file=progress,
+                            **RANDOM_RUN).run()  # fmt: skip
+    assert progress.is_file()
     progress.write_bytes(b"cut off by a kill")  # unreadable: only progress is lost
     again = RobustnessEvaluator(make_tiny_net(seed=3), loss, data, tmp_path, progress_file=progress, **RANDOM_RUN)
     again.run()

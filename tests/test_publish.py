@@ -182,11 +182,9 @@ def test_a_study_of_an_overlay_sets_that_overlay_and_keeps_the_other_studies(bun
     assert (configs / "train.json").read_bytes() == train_2d != train_before  # the 2D default stays the 2D study's
     metrics = json.loads((configs / "metadata.json").read_text())["eval_metrics"]
     assert {k: metrics[k] for k in metrics_2d} == metrics_2d  # the 2D study's keys are kept as they were
-    assert (
-        metrics["msd_hippocampus_default_recipe"] == "nfgsm" and metrics["msd_hippocampus_default_arm"] == "std_nfgsm"
-    )
-    assert metrics["msd_hippocampus_test_mean_iou_std_nfgsm"] == pytest.approx(0.58)
-    assert "hippocampus_recipes" in metrics["msd_hippocampus_source"] and "kvasir" in metrics["source"]
+    assert metrics["hippocampus_default_recipe"] == "nfgsm" and metrics["hippocampus_default_arm"] == "std_nfgsm"
+    assert metrics["hippocampus_test_mean_iou_std_nfgsm"] == pytest.approx(0.58)
+    assert "hippocampus_recipes" in metrics["hippocampus_source"] and "kvasir" in metrics["source"]
     readme = (bundle_copy / "docs" / "README.md").read_text()
     begin, end = markers("hippocampus.json")
     assert readme.split(BEGIN)[1].split(END)[0] == section_2d
@@ -203,10 +201,14 @@ def test_a_study_of_an_overlay_sets_that_overlay_and_keeps_the_other_studies(bun
     parser.read_config(str(configs / "train.json"))
     assert parser["augment"] == "none"
 
-    # publishing the 2D study again leaves the 3D one in place, and the other way round
-    publish(write(tmp_path, summary("nfgsm")), bundle_copy)
+    # publishing a 2D study again leaves the 3D one in place and replaces every other key (another dataset's
+    # study leaves nothing of the previous one), and the other way round
+    other_data = summary("nfgsm")
+    other_data["study"]["dataset"] = "other_polyps"
+    publish(write(tmp_path, other_data), bundle_copy)
     metrics = json.loads((configs / "metadata.json").read_text())["eval_metrics"]
-    assert metrics["msd_hippocampus_default_arm"] == "std_nfgsm" and metrics["default_arm"] == "nfgsm"
+    assert metrics["hippocampus_default_arm"] == "std_nfgsm" and metrics["default_arm"] == "nfgsm"
+    assert not [k for k in metrics if k.startswith("kvasir_seg_")] and "other_polyps_test_mean_iou_nfgsm" in metrics
     assert json.loads((configs / "hippocampus.json").read_text())["adv#recipe"] == "nfgsm"
     three_d["default"]["arm"] = "nfgsm"
     publish(write(tmp_path, three_d), bundle_copy)

@@ -28,6 +28,9 @@ class Profile:
         limits: at most this many items of ``train``/``validation``/``test`` (None: all).
         offline: whether the data can go through ``run augment`` (not z-scored volumes: its copies would be
             normalised again on reload).
+        publish_config: the file in the bundle's ``configs/`` whose default recipe a study on this profile chooses
+            (``python -m monai_adv.study.publish``): ``train.json``, or the overlay that holds the data's own
+            defaults (``hippocampus.json``), so that 3D evidence sets the 3D default and leaves the 2D one alone.
     """
 
     name: str
@@ -42,6 +45,7 @@ class Profile:
     iterative_epsilons: tuple[float, ...] = (2 / 255, 4 / 255)
     limits: dict[str, int | None] = field(default_factory=lambda: {"train": None, "validation": None, "test": None})
     offline: bool = True
+    publish_config: str = "train.json"
 
 
 PROFILES: dict[str, Profile] = {
@@ -96,6 +100,7 @@ PROFILES: dict[str, Profile] = {
         attack_steps=10,
         robust_epsilons=(0.0, 2 / 255, 4 / 255),
         offline=False,
+        publish_config="hippocampus.json",
     ),
     "paper": Profile(
         name="paper",

@@ -3,12 +3,12 @@
 ``python -m monai_adv.study.publish --summary docs/recipes/summary.json --bundle bundles/adversarial_unet_segmentation``
 applies the study's choice of default (the rule on its page) and writes its evidence into the bundle:
 
-- the study's config: ``configs/train.json``, or the overlay its profile trains with (``configs/hippocampus.json``
-  for ``hippocampus_cpu``, so a 3D study sets the 3D default and leaves the 2D one alone): ``adv#recipe`` (and
-  ``augment``) become the chosen arm's, so the README's command trains it; ``--adv#recipe paper`` still selects
-  the paper's setting;
+- the study's config, its profile's ``publish_config``: ``configs/train.json``, or the overlay that holds its data's
+  defaults (``configs/hippocampus.json`` for ``hippocampus_cpu``, so a 3D study sets the 3D default and leaves the
+  2D one alone): ``adv#recipe`` (and ``augment``) become the chosen arm's, so the README's command trains it;
+  ``--adv#recipe paper`` still selects the paper's setting;
 - ``configs/metadata.json``: ``eval_metrics`` holds the chosen arm's and its control's clean and robust scores
-  (an overlay's study adds its keys, prefixed with its dataset, beside those of the others);
+  (an overlay's study keeps its keys, prefixed with the overlay's name, ``hippocampus_...``, beside the others);
 - ``docs/README.md``: the "Performance" section (between ``<!-- results:begin -->`` and ``<!-- results:end -->``,
   or ``<!-- results:<overlay>:begin -->`` for an overlay's study; added before "## Commands" the first time) holds
   the table of arms and the choice with its reason.
@@ -42,16 +42,19 @@ MAIN_CONFIG = "train.json"
 
 
 def target_config(about: Mapping[str, Any]) -> str:
-    """The file in ``configs/`` that takes a study's default: its profile's last overlay, else ``train.json``.
-
-    A study whose profile trains with an overlay (``hippocampus_cpu``: ``hippocampus.json``) chose a default for
-    that overlay's setting; writing it into train.json would change the 2D default on 3D evidence.
-    """
+    """The file in ``configs/`` that takes a study's default: its profile's ``publish_config`` (``train.json``
+    unless the profile names the overlay that holds its data's defaults, as ``hippocampus_cpu`` does)."""
     from monai_adv.study.profiles import PROFILES
 
     profile = PROFILES.get(str(about.get("profile")))
-    extra = tuple(profile.extra_configs) if profile is not None else ()
-    return extra[-1] if extra else MAIN_CONFIG
+    return profile.publish_config if profile is not None else MAIN_CONFIG
+
+
+def _overlay_prefixes() -> set[str]:
+    """The ``eval_metrics`` key prefixes of the studies published into overlays (``hippocampus_``)."""
+    from monai_adv.study.profiles import PROFILES
+
+    return {f"{Path(p.publish_config).stem}_" for p in PROFILES.values() if p.publish_config != MAIN_CONFIG}
 
 
 def markers(config: str) -> tuple[str, str]:
@@ -224,9 +227,9 @@ def publish(
 
     entries = summary["summary"]["arms"]
     control = entries[arm].get("control")
-    prefix = about.get("dataset", "kvasir_seg")
-    # the main config's study owns the unprefixed keys; an overlay's study prefixes them with its dataset
-    own = "" if config_name == MAIN_CONFIG else f"{prefix}_"
+    # the main config's study owns every key but the overlays' studies' keys, which start with the overlay's name
+    own = "" if config_name == MAIN_CONFIG else f"{Path(config_name).stem}_"
+    prefix = about.get("dataset", "kvasir_seg") if not own else own.rstrip("_")
     metrics: dict[str, Any] = {f"{own}default_recipe": values["adv#recipe"], f"{own}default_arm": arm}
     for name in dict.fromkeys([arm, control, summary["summary"].get("plain_arm")]):
         if name is None or name not in entries:
@@ -240,11 +243,12 @@ def publish(
     heading = "Performance" if config_name == MAIN_CONFIG else f"Performance with configs/{config_name}"
     metrics[f"{own}source"] = f"docs/README.md, {heading}: {about['command']} (code {about['version']})"
     metadata = json.loads(metadata_path.read_text())
-    # keep what the other studies published; replace this study's keys (those of its dataset, and its own)
-    owned = set(metrics) | ({"default_recipe", "default_arm", "source"} if not own else set())
-    kept = {
-        k: v for k, v in metadata.get("eval_metrics", {}).items() if k not in owned and not k.startswith(f"{prefix}_")
-    }
+    # keep what the other studies published (the overlays' studies; for an overlay's study, all the others)
+    previous = metadata.get("eval_metrics", {})
+    if own:
+        kept = {k: v for k, v in previous.items() if not k.startswith(own)}
+    else:
+        kept = {k: v for k, v in previous.items() if any(k.startswith(p) for p in _overlay_prefixes())}
     metadata["eval_metrics"] = {**kept, **metrics}
 
     # every file is computed before the first is written: a failure above changes nothing

@@ -186,3 +186,5 @@ def test_code_version_is_dirty_for_changed_code_but_not_for_regenerated_docs(tmp
     assert code_version(tmp_path) == f"{commit[:7]} (commit {commit})"
     (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
     assert code_version(tmp_path) == f"{commit[:7]}-dirty (commit {commit})"
+    # seen from any folder of the checkout (an install whose files sit below the top)
+    assert code_version(tmp_path / "docs") == f"{commit[:7]}-dirty (commit {commit})"

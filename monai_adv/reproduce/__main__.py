@@ -54,7 +54,7 @@ def code_version(root: str | os.PathLike | None = None) -> str:
 
     try:
         describe, commit = git("describe", "--always", "--tags"), git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)docs")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return f"{describe}{'-dirty' if changed else ''} (commit {commit})"

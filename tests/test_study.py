@@ -135,6 +135,17 @@ def test_a_checkpoint_older_than_the_started_marker_is_not_continued(tmp_path):
     assert StudyRunner._stopped_training_seconds(started, root, {**settings, "max_epochs": 5}) is None
 
 
+def test_a_continued_robustness_run_counts_the_seconds_of_the_stopped_ones(tmp_path):
+    from monai_adv.study.runner import StudyRunner
+
+    report = tmp_path / "robustness.json"
+    assert StudyRunner._continued_robustness_seconds(report) == 0.0  # none written
+    report.write_text(json.dumps({"results": [], "continued": {"batches": 3, "seconds": 421.5}}))
+    assert StudyRunner._continued_robustness_seconds(report) == 421.5
+    report.write_text(json.dumps({"results": []}))  # written before runs could continue
+    assert StudyRunner._continued_robustness_seconds(report) == 0.0
+
+
 @pytest.mark.slow
 def test_smoke_study_runs_each_arm_once_and_reports_what_its_files_say(dataset, tmp_path):
     study = tmp_path / "smoke.json"

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -215,7 +216,9 @@ class RobustnessEvaluator(Engine):
     checkpoint.
 
     When the run completes it writes, under ``output_dir``: ``robustness.json`` (``{"checkpoint", "num_images",
-    "results": [rows], "checks": {...}, "suspect_gradient_masking": bool, "suspect_reasons": [...]}``, each row
+    "results": [rows], "checks": {...}, "suspect_gradient_masking": bool, "suspect_reasons": [...], "seconds",
+    "continued"}``: ``seconds`` is the wall time of the measurement, the runs stopped before it included when it
+    continued from a progress file; ``continued`` holds the batches and seconds it took from that file); each row
     ``{"attack", "loss", "epsilon", "num_steps", "restarts", "mean_iou", "mean_dice", "pooled_iou", ...}``),
     ``robustness.csv``, ``robustness_per_image.csv`` (each image's IoU and Dice per row, clean included, named by
     the file stem of its ``filename_or_obj``), ``robustness.png`` (IoU against epsilon) and, with ``num_examples > 0``,
@@ -401,6 +404,7 @@ class RobustnessEvaluator(Engine):
         #: batches of this run restored from ``progress_file`` (skipped, not measured again)
         self.restored_batches = 0
         self._run_fingerprint = ""
+        self._started, self._seconds_before = time.monotonic(), 0.0
         self._settings = {
             "attacks": self.attacks, "epsilons": self.epsilons, "iterative_epsilons": self.iterative_epsilons,
             "specs": {f"{a}/{loss}": repr(spec) for (a, loss), spec in self.specs.items()},
@@ -418,6 +422,7 @@ class RobustnessEvaluator(Engine):
 
     # -- per batch ---------------------------------------------------------------------------------------------------
     def _reset(self) -> None:
+        self._started, self._seconds_before = time.monotonic(), 0.0
         self._generator.manual_seed(self.seed)
         self._scores, self.examples, self._num_images, self._batch_index = {}, {}, 0, 0
         self.rows, self.checks, self._image_names, self._batch_sizes, self._batch_digests = [], {}, [], [], []
@@ -518,6 +523,7 @@ class RobustnessEvaluator(Engine):
             "image_names": self._image_names,
             "batch_sizes": self._batch_sizes,
             "batch_digests": self._batch_digests,
+            "seconds": self._seconds(),
             "examples": self.examples,
             "generator": self._generator.get_state(),
             "global_generator": torch.get_rng_state(),
@@ -526,6 +532,10 @@ class RobustnessEvaluator(Engine):
         partial = self.progress_file.with_name(self.progress_file.name + ".partial")
         torch.save(state, partial)
         os.replace(partial, self.progress_file)  # atomic: a kill while writing leaves the previous file
+
+    def _seconds(self) -> float:
+        """Wall time of this measurement so far: this run's, and that of the runs it continues."""
+        return self._seconds_before + time.monotonic() - self._started
 
     def _restore_progress(self) -> None:
         self.restored_batches = 0
@@ -553,6 +563,7 @@ class RobustnessEvaluator(Engine):
                 setattr(restored, name, list(values))
         self._image_names, self._batch_sizes = list(state["image_names"]), list(state["batch_sizes"])
         self._batch_digests = list(state.get("batch_digests", []))
+        self._seconds_before = float(state.get("seconds", 0.0))
         self.examples = {name: list(images) for name, images in state["examples"].items()}
         self._generator.set_state(state["generator"])
         torch.set_rng_state(state["global_generator"])
@@ -703,6 +714,8 @@ class RobustnessEvaluator(Engine):
             "checks": self.checks,
             "suspect_gradient_masking": bool(reasons),
             "suspect_reasons": reasons,
+            "seconds": self._seconds(),
+            "continued": {"batches": self.restored_batches, "seconds": self._seconds_before},
         }
         for reason in reasons:
             self.logger.warning("gradient-masking check failed: %s", reason)

@@ -208,12 +208,24 @@ class StudyRunner:
                 started.parent.mkdir(parents=True, exist_ok=True)
                 started.write_text(json.dumps({"settings": recorded}, indent=1))
         elapsed = self._bundle(run_id, overlays, root, tracking, settings) + (earlier or 0.0)
+        if run_id == "robustness":  # a run continued from its progress file: add the stopped runs' seconds
+            elapsed += self._continued_robustness_seconds(marker.parent / "robustness.json")
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"settings": recorded, "seconds": elapsed,
                                       **({"resumed": True} if earlier is not None else {})}, indent=1))  # fmt: skip
         started.unlink(missing_ok=True)
         self.ran.append(str(marker))
         return elapsed
+
+    @staticmethod
+    def _continued_robustness_seconds(path: Path) -> float:
+        """The seconds that stopped runs had measured before ``run robustness`` continued from its progress file
+        (``robustness.json``'s ``continued``; 0 for a run that did not continue, or an older file)."""
+        try:
+            continued = json.loads(path.read_text()).get("continued") or {}
+            return float(continued.get("seconds", 0.0)) if isinstance(continued, dict) else 0.0
+        except (OSError, ValueError, TypeError):
+            return 0.0
 
     @staticmethod
     def _stopped_training_seconds(started: Path, root: Path, recorded: Mapping[str, Any]) -> float | None:

@@ -308,6 +308,11 @@ def test_a_stopped_run_continues_from_its_progress_file_with_the_results_of_an_u
     assert (tmp_path / "stopped" / per_image).read_text() == (tmp_path / "whole" / per_image).read_text()
     assert [len(v) for v in continued.examples.values()] == [len(v) for v in whole.examples.values()]
     assert not progress.exists()  # complete: a later run measures again
+    # its seconds include those the stopped run measured
+    report = json.loads((tmp_path / "stopped" / "robustness.json").read_text())
+    assert report["continued"]["batches"] == 2 and 0 < report["continued"]["seconds"] < report["seconds"]
+    assert json.loads((tmp_path / "whole" / "robustness.json").read_text())["continued"] == {"batches": 0,
+                                                                                          "seconds": 0.0}  # fmt: skip
 
 
 def test_a_progress_file_of_other_weights_is_ignored_and_one_of_other_images_is_refused(

@@ -404,7 +404,8 @@ class RobustnessEvaluator(Engine):
         #: batches of this run restored from ``progress_file`` (skipped, not measured again)
         self.restored_batches = 0
         self._run_fingerprint = ""
-        self._started, self._seconds_before = time.monotonic(), 0.0
+        self._measure_start = time.monotonic()  # wall time of this run's measurement, from STARTED
+        self._seconds_before = 0.0  # of the stopped runs a progress file continues
         self._settings = {
             "attacks": self.attacks, "epsilons": self.epsilons, "iterative_epsilons": self.iterative_epsilons,
             "specs": {f"{a}/{loss}": repr(spec) for (a, loss), spec in self.specs.items()},
@@ -422,7 +423,8 @@ class RobustnessEvaluator(Engine):
 
     # -- per batch ---------------------------------------------------------------------------------------------------
     def _reset(self) -> None:
-        self._started, self._seconds_before = time.monotonic(), 0.0
+        self._measure_start = time.monotonic()
+        self._seconds_before = 0.0
         self._generator.manual_seed(self.seed)
         self._scores, self.examples, self._num_images, self._batch_index = {}, {}, 0, 0
         self.rows, self.checks, self._image_names, self._batch_sizes, self._batch_digests = [], {}, [], [], []
@@ -535,7 +537,7 @@ class RobustnessEvaluator(Engine):
 
     def _seconds(self) -> float:
         """Wall time of this measurement so far: this run's, and that of the runs it continues."""
-        return self._seconds_before + time.monotonic() - self._started
+        return self._seconds_before + time.monotonic() - self._measure_start
 
     def _restore_progress(self) -> None:
         self.restored_batches = 0

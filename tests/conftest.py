@@ -8,6 +8,7 @@ Test modules reach them through fixtures (``make_tiny_net``, ``make_dicece``, ``
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -24,6 +25,17 @@ def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _sigterm_handler_is_given_back():
+    """A training stopped (or refused) in this process must give SIGTERM back its handler: one left behind would
+    turn a later SIGTERM (a scheduler, a CI time limit) into a stale training's error in an unrelated process."""
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    after = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, before)  # one leaking test must not fail every test after it
+    assert after == before, f"the test left SIGTERM handled by {after!r} (it was {before!r})"
 
 
 def tiny_net(

@@ -122,19 +122,24 @@ def test_train_workflow_has_the_required_properties(bundle, tmp_path, one_torch_
 
     workflow = properties_workflow(bundle, tmp_path, bundle.train_json, "train", **TRAIN_OVERRIDES)
     workflow.initialize()
-    missing = BundleWorkflow.check_properties(workflow)  # the required part of ConfigWorkflow.check_properties
-    assert missing == [], f"missing required properties: {missing}"
-    assert isinstance(workflow.trainer, SupervisedTrainer)
-    assert isinstance(workflow.evaluator, SupervisedEvaluator)
-    assert workflow.max_epochs == 5 and workflow.val_interval == 1
-    assert len(workflow.train_dataset) == 8 and len(workflow.val_dataset) == 4
+    try:
+        missing = BundleWorkflow.check_properties(workflow)  # the required part of ConfigWorkflow.check_properties
+        assert missing == [], f"missing required properties: {missing}"
+        assert isinstance(workflow.trainer, SupervisedTrainer)
+        assert isinstance(workflow.evaluator, SupervisedEvaluator)
+        assert workflow.max_epochs == 5 and workflow.val_interval == 1
+        assert len(workflow.train_dataset) == 8 and len(workflow.val_dataset) == 4
+    finally:
+        workflow.finalize()  # the training's lock and SIGTERM handler, taken in initialize
 
 
 def test_train_workflow_check_properties(bundle, tmp_path, one_torch_thread, restore_determinism):
     workflow = properties_workflow(bundle, tmp_path, bundle.train_json, "train", **TRAIN_OVERRIDES)
     workflow.initialize()
-    missing = workflow.check_properties()
-    print("check_properties() ->", missing)
+    try:
+        missing = workflow.check_properties()
+    finally:
+        workflow.finalize()
     assert not missing, f"missing or wrongly referenced properties: {missing}"
 
 
@@ -146,6 +151,8 @@ def test_infer_workflow_check_properties(bundle, tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(images / "a.png")
     workflow = properties_workflow(bundle, tmp_path, bundle.inference_json, "infer", features=[4, 4, 8, 8, 16, 4])
     workflow.initialize()
-    missing = workflow.check_properties()
-    print("check_properties() ->", missing)
+    try:
+        missing = workflow.check_properties()
+    finally:
+        workflow.finalize()
     assert not missing, f"missing or wrongly referenced properties: {missing}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -236,6 +237,8 @@ def test_iterative_transform_falls_back_to_a_separate_pass(data, make_basic_unet
 
 # ----------------------------------------------------------------------------------------------- DDP, 2 processes
 
+DDP_TIMEOUT_S = 300
+
 
 def _ddp_worker(
     rank: int, world_size: int, store: str, images, labels, result_dir: str, make_basic_unet, trainer_for
@@ -264,13 +267,23 @@ def test_ddp_two_processes_fused_step_equals_averaged_explicit_steps(
 ):
     images, labels = data
     # fork: the children need no fresh interpreter importing MONAI (spawn takes ~20 s more on 2 cores)
-    torch.multiprocessing.start_processes(
+    ranks = torch.multiprocessing.start_processes(
         _ddp_worker,
         args=(2, str(tmp_path / "store"), images, labels, str(tmp_path), make_basic_unet, trainer_for),
         nprocs=2,
-        join=True,
+        join=False,
         start_method="fork",
     )
+    # bounded: a rank stuck in the rendezvous (or a fork that inherited a held lock) must fail this test, not hang
+    # the whole run until CI's limit
+    deadline = time.monotonic() + DDP_TIMEOUT_S
+    while not ranks.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(
+                f"the two DDP ranks did not finish in {DDP_TIMEOUT_S} s (exit codes {[p.exitcode for p in ranks.processes]})"
+            )
     # reference: each rank's concatenated-batch gradient at the same start, averaged (what DDP does), one SGD step
     start = make_basic_unet(seed=6)
     grads, copies = [], []

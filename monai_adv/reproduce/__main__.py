@@ -50,11 +50,15 @@ def code_version(root: str | os.PathLike | None = None) -> str:
     root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        # bounded: a git waiting on a lock or a credential prompt must not hold up the study it labels
+        command = ["git", *args]
+        return subprocess.run(command, cwd=root, capture_output=True, text=True, check=True, timeout=60).stdout.strip()
 
     try:
         describe, commit = git("describe", "--always", "--tags"), git("rev-parse", "HEAD")
         changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)docs")
+    except subprocess.TimeoutExpired:
+        return "unknown (git did not answer in 60 s)"
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return f"{describe}{'-dirty' if changed else ''} (commit {commit})"

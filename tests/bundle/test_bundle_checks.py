@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -104,13 +105,21 @@ def test_ckpt_export_gives_torchscript_equal_to_the_eager_network(bundle, traine
         torch.testing.assert_close(scripted_state[name], value, rtol=0, atol=0)
 
 
+@contextmanager
 def properties_workflow(bundle, tmp_path, config_file, workflow_type, **override):
+    """The bundle's workflow, initialised, and finalised on leaving (train.json's initialize takes the training's
+    lock and SIGTERM handler)."""
     from monai.bundle import ConfigWorkflow
 
-    return ConfigWorkflow(
+    workflow = ConfigWorkflow(
         config_file=str(config_file), meta_file=str(bundle.metadata_json), workflow_type=workflow_type,
         logging_file=False, bundle_root=str(tmp_path), **override,
     )  # fmt: skip
+    workflow.initialize()
+    try:
+        yield workflow
+    finally:
+        workflow.finalize()
 
 
 TRAIN_OVERRIDES = {"features": [4, 4, 8, 8, 16, 4], "image_size": 32, "max_train": 8, "max_val": 4}
@@ -120,26 +129,18 @@ def test_train_workflow_has_the_required_properties(bundle, tmp_path, one_torch_
     from monai.bundle.workflows import BundleWorkflow
     from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
-    workflow = properties_workflow(bundle, tmp_path, bundle.train_json, "train", **TRAIN_OVERRIDES)
-    workflow.initialize()
-    try:
+    with properties_workflow(bundle, tmp_path, bundle.train_json, "train", **TRAIN_OVERRIDES) as workflow:
         missing = BundleWorkflow.check_properties(workflow)  # the required part of ConfigWorkflow.check_properties
         assert missing == [], f"missing required properties: {missing}"
         assert isinstance(workflow.trainer, SupervisedTrainer)
         assert isinstance(workflow.evaluator, SupervisedEvaluator)
         assert workflow.max_epochs == 5 and workflow.val_interval == 1
         assert len(workflow.train_dataset) == 8 and len(workflow.val_dataset) == 4
-    finally:
-        workflow.finalize()  # the training's lock and SIGTERM handler, taken in initialize
 
 
 def test_train_workflow_check_properties(bundle, tmp_path, one_torch_thread, restore_determinism):
-    workflow = properties_workflow(bundle, tmp_path, bundle.train_json, "train", **TRAIN_OVERRIDES)
-    workflow.initialize()
-    try:
+    with properties_workflow(bundle, tmp_path, bundle.train_json, "train", **TRAIN_OVERRIDES) as workflow:
         missing = workflow.check_properties()
-    finally:
-        workflow.finalize()
     assert not missing, f"missing or wrongly referenced properties: {missing}"
 
 
@@ -149,10 +150,8 @@ def test_infer_workflow_check_properties(bundle, tmp_path):
     images = tmp_path / "data" / "synthetic_2d" / "images"  # the default input_dir (dataset_dir)
     images.mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(images / "a.png")
-    workflow = properties_workflow(bundle, tmp_path, bundle.inference_json, "infer", features=[4, 4, 8, 8, 16, 4])
-    workflow.initialize()
-    try:
+    with properties_workflow(
+        bundle, tmp_path, bundle.inference_json, "infer", features=[4, 4, 8, 8, 16, 4]
+    ) as workflow:
         missing = workflow.check_properties()
-    finally:
-        workflow.finalize()
     assert not missing, f"missing or wrongly referenced properties: {missing}"

@@ -8,6 +8,7 @@ temporary file, renames it into place, and only then removes the file it replace
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -236,6 +237,25 @@ class AtomicCheckpointSaver:
         self.checkpoint.load_state_dict({key: [tuple(item) for item in items] for key, items in state.items()})
 
 
+@functools.lru_cache(maxsize=8)
+def _keys_of_version(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    return tuple(torch.load(path, map_location="cpu", weights_only=True).keys())
+
+
+def _checkpoint_keys(path: str | os.PathLike) -> tuple[str, ...]:
+    """The entries of the checkpoint at ``path``, read once per version of the file.
+
+    Resuming asks twice (:func:`latest_checkpoint` to find a readable one, :func:`checkpoint_entries` for its
+    entries) before ``CheckpointLoader`` reads it: the cache, keyed by the file's modification time and size,
+    saves one full read; a rewritten file is read again.
+
+    Raises:
+        Exception: whatever ``torch.load`` raises for a file it cannot read (not cached).
+    """
+    stat = os.stat(path)
+    return _keys_of_version(os.fspath(path), stat.st_mtime_ns, stat.st_size)
+
+
 def _epoch_of(path: Path) -> int:
     digits = "".join(ch for ch in path.stem.rsplit("=", 1)[-1] if ch.isdigit())
     return int(digits) if digits else -1
@@ -255,7 +275,7 @@ def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint_epoc
         raise MissingFileError(f"no checkpoint matching {pattern!r} in {folder}: nothing to resume from.")
     for path in found:
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
+            _checkpoint_keys(path)
         except Exception as err:  # noqa: BLE001 - whatever fails to load (truncated, empty, junk) cannot be resumed
             warnings.warn(
                 f"skipping unreadable checkpoint {path} ({type(err).__name__}: {err}); trying an earlier one."
@@ -283,7 +303,7 @@ def checkpoint_entries(
     """
     if path is None:
         return dict(load_dict)
-    entries = torch.load(path, map_location="cpu", weights_only=True).keys()
+    entries = _checkpoint_keys(path)
     missing = [k for k in optional if k in load_dict and k not in entries]
     if missing:
         warnings.warn(

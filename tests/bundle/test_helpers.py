@@ -116,6 +116,26 @@ def test_unreadable_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path):
         latest_checkpoint(tmp_path)
 
 
+def test_resuming_reads_the_checkpoint_once_to_find_it_and_its_entries(tmp_path, monkeypatch):
+    """latest_checkpoint and checkpoint_entries share one read; a rewritten checkpoint is read again."""
+    from monai_adv.bundle import checkpoints
+
+    path = tmp_path / "checkpoint_epoch=1.pt"
+    torch.save({"model": {"w": torch.ones(3)}}, path)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(checkpoints.torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    found = latest_checkpoint(tmp_path)
+    load_dict = {"model": 1, "random_states": 2}
+    with pytest.warns(UserWarning, match="random_states"):
+        assert checkpoints.checkpoint_entries(load_dict, found) == {"model": 1}
+    assert reads == [found]
+    torch.save({"model": {"w": torch.ones(4)}, "random_states": {"seed": 1}}, path)  # a later save, other entries
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1))  # however coarse the clock
+    assert checkpoints.checkpoint_entries(load_dict, latest_checkpoint(tmp_path)) == load_dict
+    assert reads == [found, found]
+
+
 def write_lock(ckpt_dir, pid: int) -> None:
     import socket
 

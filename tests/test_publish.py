@@ -106,7 +106,7 @@ def test_publish_sets_the_default_and_writes_the_numbers(bundle_copy: Path, tmp_
     train = json.loads(train_path.read_text())
     assert (train["adv"]["recipe"], train["augment"]) == ("nfgsm", "none")
     readme = (bundle_copy / "docs" / "README.md").read_text()
-    assert readme.count(BEGIN) == 1 and readme.count("## Performance") == 1
+    assert readme.count(BEGIN) == 1 and readme.count("## Performance\n") == 1  # (the 3D overlay's has its own)
     assert readme.index(END) < readme.index("## Commands")
     # the bundle still parses with the new default
     from monai.bundle import ConfigParser
@@ -170,7 +170,11 @@ def test_a_study_of_an_overlay_sets_that_overlay_and_keeps_the_other_studies(bun
     train_before = (configs / "train.json").read_bytes()
     publish(write(tmp_path, summary("nfgsm")), bundle_copy)  # the 2D study first
     train_2d = (configs / "train.json").read_bytes()
-    metrics_2d = json.loads((configs / "metadata.json").read_text())["eval_metrics"]
+    metrics_2d = {
+        k: v
+        for k, v in json.loads((configs / "metadata.json").read_text())["eval_metrics"].items()
+        if not k.startswith("hippocampus_")
+    }  # (the bundle may hold a published 3D study already)
     section_2d = (bundle_copy / "docs" / "README.md").read_text().split(BEGIN)[1].split(END)[0]
 
     three_d = summary("std_nfgsm")
